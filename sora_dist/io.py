@@ -1,0 +1,170 @@
+"""Adapter files: ``adapter_model.safetensors`` + ``sora_config.json``; safetensors only."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import SoRAConfig, inject_sora, sora_modules
+from .quant import gathered
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "sora_config.json"
+FORMAT_VERSION = 1
+IDENTITY_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+
+
+def base_identity(model: nn.Module) -> dict:
+    """What identifies the base model an adapter belongs to (from its transformers config)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {"class": type(model).__name__}
+    identity = {key: getattr(config, key) for key in IDENTITY_KEYS if getattr(config, key, None) is not None}
+    identity["name_or_path"] = getattr(config, "_name_or_path", "") or ""
+    return identity
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every SoRA tensor and every other trainable tensor, full (gathered under ZeRO-3), on CPU."""
+    tensors, modules = {}, {}
+    for name, module in sora_modules(model):
+        params = [module.lora_A, module.lora_B, module.gate]
+        with gathered(params):
+            for key, param in zip(("lora_A", "lora_B", "gate"), params):
+                tensors[f"{name}.{key}"] = param.detach().to("cpu", copy=True).contiguous()
+        modules[name] = {"in_features": module.in_features, "out_features": module.out_features, "rank": module.rank, "scale": module.scale}
+    sora_ids = {id(p) for _, m in sora_modules(model) for p in (m.lora_A, m.lora_B, m.gate)}
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in sora_ids:
+            with gathered([param]):
+                tensors[name] = param.detach().to("cpu", copy=True).contiguous()
+    return tensors, modules
+
+
+def save_sora(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the adapter of ``model`` to the folder ``path``, atomically.
+
+    Under ZeRO-3 every rank must call this (the tensors are gathered); only rank 0 writes.
+    """
+    config = getattr(model, "sora_config", None)
+    if config is None:
+        raise ValueError("the model has no SoRA adapter to save (no sora_config); call inject_sora first")
+    tensors, modules = adapter_state(model)
+    path = Path(path)
+    if not _is_main_process():
+        return path
+    meta = {
+        "format": "sora_dist",
+        "format_version": FORMAT_VERSION,
+        "sora": config.to_dict(),
+        "modules": modules,
+        "trainable": sorted(k for k in tensors if k.rsplit(".", 1)[0] not in modules),
+        "base_model": base_identity(model),
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``; an existing ``path`` is kept until the new folder is in place."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an adapter folder, with errors that name the file."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: {path} is not a sora_dist adapter folder (save_sora writes one)")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}:{err.lineno}: invalid JSON: {err.msg}") from err
+    if meta.get("format") != "sora_dist":
+        raise ValueError(f"{config_file}: not a sora_dist adapter config (format={meta.get('format')!r})")
+    return meta, load_file(str(weights_file))
+
+
+def check_compatible(meta: dict, model: nn.Module, where: str) -> None:
+    """Fail with the first difference between the adapter's base and ``model``."""
+    saved, current = meta["base_model"], base_identity(model)
+    for key in sorted(set(saved) | set(current)):
+        if key == "name_or_path":
+            continue
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"{where}: adapter does not fit this base model: base_model.{key} is {saved.get(key)!r} "
+                f"in the adapter (trained on {saved.get('name_or_path') or 'unknown'!r}) but "
+                f"{current.get(key)!r} in the model"
+            )
+    for name, spec in meta["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{where}: adapter module {name!r} does not exist in {type(model).__name__}") from None
+        base = getattr(module, "base", module)
+        for key in ("in_features", "out_features"):
+            if getattr(base, key, None) != spec[key]:
+                raise ValueError(
+                    f"{where}: module {name!r}: {key} is {spec[key]} in the adapter but "
+                    f"{getattr(base, key, None)} in the model"
+                )
+
+
+@torch.no_grad()
+def load_sora(model: nn.Module, path: str | os.PathLike, verbose: bool = False) -> nn.Module:
+    """Load an adapter folder into ``model``, injecting SoRA first when the model has none.
+
+    The model must be the base the adapter was trained on: identity and every target shape are
+    checked before anything changes.
+    """
+    meta, tensors = read_adapter(path)
+    where = str(Path(path) / CONFIG_NAME)
+    check_compatible(meta, model, where)
+    if not any(True for _ in sora_modules(model)):
+        exact_names = "|".join(re.escape(name) for name in sorted(meta["modules"]))
+        inject_sora(model, SoRAConfig(**{**meta["sora"], "target_modules": exact_names}), verbose=verbose)
+    loaded = dict(sora_modules(model))
+    if set(loaded) != set(meta["modules"]):
+        extra = sorted(set(loaded) ^ set(meta["modules"]))[0]
+        raise ValueError(f"{where}: the model's SoRA modules differ from the adapter's (first: {extra!r})")
+    for name, module in loaded.items():
+        module.scale = float(meta["modules"][name]["scale"])
+        for key in ("lora_A", "lora_B", "gate"):
+            old = getattr(module, key)
+            new = tensors[f"{name}.{key}"].to(old.device)
+            setattr(module, key, nn.Parameter(new, requires_grad=old.requires_grad))
+    params = dict(model.named_parameters())
+    for name in meta["trainable"]:
+        if name not in params:
+            raise ValueError(f"{where}: trainable tensor {name!r} has no parameter in the model")
+        params[name].data.copy_(tensors[name])
+    return model

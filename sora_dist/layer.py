@@ -1,0 +1,96 @@
+"""The SoRA module: a frozen base projection plus a gated low-rank branch.
+
+    h = W0 x + b + s * B (g * (A dropout(x)))
+
+A is r x d_in, B is d_out x r, g is the gate vector of length r and s = alpha / r_max.
+The base projection is never copied: a dense ``nn.Linear``, a bitsandbytes 4/8-bit layer or a
+ZeRO-3 partitioned Linear all work, because shapes come from ``in_features``/``out_features``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATE_INITS = ("normal", "ones")
+
+
+def declared_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) as the module declares them, never from ``weight.shape``.
+
+    A ZeRO-3 partitioned weight has shape [0] and a 4-bit weight is packed, so the declared
+    attributes are the only reliable source.
+    """
+    try:
+        return int(base.in_features), int(base.out_features)
+    except AttributeError as err:
+        raise TypeError(
+            f"cannot wrap {type(base).__name__}: SoRA needs a Linear-like module that declares "
+            "in_features and out_features"
+        ) from err
+
+
+class SoRALinear(nn.Module):
+    """A base projection with a SoRA branch of rank ``r`` whose gate is sparsified by the optimizer.
+
+    ``scale`` is alpha / r_max, fixed at creation: pruning dead ranks never changes it.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        gate_init: str = "normal",
+        adapter_dtype: torch.dtype = torch.float32,
+        scale: float | None = None,
+    ):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"SoRA rank r must be >= 1, got {r}")
+        if gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {gate_init!r}")
+        self.base = base
+        self.in_features, self.out_features = declared_features(base)
+        self.scale = float(alpha) / r if scale is None else float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = _device_of(base)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=adapter_dtype, device=device))
+        self.gate = nn.Parameter(torch.empty(r, dtype=adapter_dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if gate_init == "normal":
+            nn.init.normal_(self.gate)
+        else:
+            nn.init.ones_(self.gate)
+
+    @property
+    def rank(self) -> int:
+        return self.gate.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        dtype = x.dtype
+        down = F.linear(self.dropout(x), self.lora_A.to(dtype))
+        # The scale is folded into the gate: one multiply on r features instead of d_out.
+        gated = down * (self.gate * self.scale).to(dtype)
+        return out + F.linear(gated, self.lora_B.to(dtype)).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B diag(g) A in fp32, shaped like the base weight (d_out x d_in)."""
+        B = self.lora_B.detach().float()
+        g = self.gate.detach().float()
+        return (B * (g * self.scale)) @ self.lora_A.detach().float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale:g}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,97 @@
+"""Fold SoRA branches into the base weights in memory: W = W0 + s · B diag(g) A."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .inject import replace_module, sora_modules
+from .layer import SoRALinear
+from .quant import dense_bias, dense_weight, is_4bit, is_8bit, make_linear, make_linear4bit
+
+
+@dataclasses.dataclass
+class MergedModule:
+    name: str
+    base_kind: str
+    out_dtype: str
+    max_abs_error: float
+    rel_error: float
+
+
+@dataclasses.dataclass
+class MergeReport:
+    """How far each stored merged weight is from the exact fp32 W0 + ΔW of the trained model.
+
+    For a dense base this is only the rounding of the weight dtype. For a quantized base merged
+    to a dense dtype it is the same rounding (the dequantized W0 is exactly what the trained model
+    used); requantizing adds the quantization error, which is why it is reported.
+    """
+
+    modules: list[MergedModule]
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((m.max_abs_error for m in self.modules), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((m.rel_error for m in self.modules), default=0.0)
+
+    def summary(self) -> str:
+        kinds = sorted({m.base_kind for m in self.modules})
+        return (
+            f"merged {len(self.modules)} modules ({', '.join(kinds)}): max |W - (W0 + dW)| = "
+            f"{self.max_abs_error:.3g}, max relative (Frobenius) error = {self.max_rel_error:.3g}"
+        )
+
+
+def base_kind(base: nn.Module) -> str:
+    return "4bit" if is_4bit(base) else "8bit" if is_8bit(base) else "dense"
+
+
+@torch.no_grad()
+def merge_module(name: str, module: SoRALinear, dtype: torch.dtype | None = None, quantize: str | None = None):
+    """The merged replacement of one SoRA module and its error entry."""
+    base = module.base
+    kind = base_kind(base)
+    exact = dense_weight(base) + module.delta_weight()
+    if dtype is None:
+        dtype = base.weight.dtype if kind == "dense" else (getattr(base, "compute_dtype", None) or torch.bfloat16)
+    if kind == "dense" and quantize is None and base.weight.dtype == dtype:
+        base.weight.data.copy_(exact.to(dtype))
+        merged, stored = base, base.weight.data.float()
+    elif quantize is None:
+        merged = make_linear(exact, dense_bias(base), dtype)
+        stored = merged.weight.data.float()
+    else:
+        merged = make_linear4bit(exact, dense_bias(base), quantize, compute_dtype=dtype)
+        stored = dense_weight(merged)
+    diff = stored - exact
+    entry = MergedModule(
+        name,
+        kind,
+        str(dtype).replace("torch.", "") + (f"+{quantize}" if quantize else ""),
+        float(diff.abs().max()),
+        float(diff.norm() / exact.norm().clamp_min(1e-30)),
+    )
+    return merged, entry
+
+
+def merge_sora(model: nn.Module, dtype: torch.dtype | None = None, quantize: str | None = None) -> MergeReport:
+    """Replace every SoRA module by a plain layer holding W0 + ΔW; returns the error report.
+
+    Dense bases are merged in place (exact up to the weight dtype). Quantized bases are
+    dequantized, merged in fp32 and stored as a dense ``nn.Linear`` in ``dtype`` (default: the
+    layer's compute dtype), or requantized to ``quantize`` ("nf4"/"fp4") when asked.
+    """
+    entries = []
+    for name, module in list(sora_modules(model)):
+        merged, entry = merge_module(name, module, dtype, quantize)
+        replace_module(model, name, merged)
+        entries.append(entry)
+    if hasattr(model, "sora_config"):
+        del model.sora_config
+    return MergeReport(entries)

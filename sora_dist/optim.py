@@ -1,0 +1,172 @@
+"""SoRAOptimizer: AdamW for the adapter weights, a proximal step for the gates.
+
+The gate group is marked by the group key ``sora_gate``. Every operation on a gate is
+elementwise, so ``step()`` is equally correct on whole tensors (single process, DDP, ZeRO-0) and
+on the flat fp32 shards that DeepSpeed ZeRO-1/2/3 puts in a group's ``params`` (it keeps the
+group's other keys). The gradient it reads is whatever the backend left in ``.grad`` after
+averaging and clipping, so every replica takes the same step with no extra communication.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inject import sora_modules
+
+GATE_UPDATES = ("prox_adam", "prox_sgd")
+THRESHOLDS = ("lr_scaled", "fixed")
+
+
+def prox_threshold(lr: float, prox_lambda: float, threshold: str) -> float:
+    """τ of the soft-threshold: η·λ for ``lr_scaled`` (the paper), ξ = λ for ``fixed``."""
+    return lr * prox_lambda if threshold == "lr_scaled" else prox_lambda
+
+
+def soft_threshold_(gate: torch.Tensor, tau: float) -> torch.Tensor:
+    """In place S_τ(z) = sign(z) · max(|z| − τ, 0)."""
+    return gate.copy_(F.softshrink(gate, tau)) if tau > 0 else gate
+
+
+class SoRAOptimizer(torch.optim.Optimizer):
+    """One optimizer for a SoRA model; build its groups with :func:`sora_param_groups`.
+
+    Non-gate groups take a decoupled-weight-decay Adam step (AdamW). Gate groups
+    (``sora_gate=True``) take ``prox_adam`` (Adam moments, bias-corrected, then S_τ) or
+    ``prox_sgd`` (g − η∇g, then S_τ), never with weight decay.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        if lr < 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            sora_gate=False,
+            gate_update="prox_adam",
+            threshold="lr_scaled",
+            prox_lambda=0.0,
+        )
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            if group["sora_gate"]:
+                _check_gate_group(group, i)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["sora_gate"]:
+                self._gate_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _moments(self, param: torch.Tensor, grad: torch.Tensor, betas) -> tuple[torch.Tensor, float, float]:
+        """Update Adam's moments for ``param``; return (m / bias1, sqrt(v) / sqrt(bias2) + eps parts)."""
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        beta1, beta2 = betas
+        state["step"] += 1
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        return state["exp_avg"], 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+
+    def _adam_update_(self, param, grad, group) -> None:
+        exp_avg, bias1, bias2 = self._moments(param, grad, group["betas"])
+        denom = (self.state[param]["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
+        param.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+
+    def _adamw_step(self, group: dict) -> None:
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if group["weight_decay"] != 0:
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+            self._adam_update_(param, param.grad, group)
+
+    def _gate_step(self, group: dict) -> None:
+        tau = prox_threshold(group["lr"], group["prox_lambda"], group["threshold"])
+        for gate in group["params"]:
+            if gate.grad is None:
+                continue
+            if group["gate_update"] == "prox_adam":
+                self._adam_update_(gate, gate.grad, group)
+            else:
+                gate.add_(gate.grad, alpha=-group["lr"])
+            soft_threshold_(gate, tau)
+
+
+def _check_gate_group(group: dict, index: int) -> None:
+    where = f"param group {index} (sora_gate)"
+    if group["gate_update"] not in GATE_UPDATES:
+        raise ValueError(f"{where}: gate_update must be one of {GATE_UPDATES}, got {group['gate_update']!r}")
+    if group["threshold"] not in THRESHOLDS:
+        raise ValueError(f"{where}: threshold must be one of {THRESHOLDS}, got {group['threshold']!r}")
+    if group["prox_lambda"] < 0:
+        raise ValueError(f"{where}: prox_lambda (λ) must be >= 0, got {group['prox_lambda']}")
+    if group["weight_decay"] != 0:
+        raise ValueError(f"{where}: weight decay never applies to gates; got weight_decay={group['weight_decay']}")
+
+
+def sora_param_groups(
+    model: nn.Module,
+    lr: float,
+    gate_lr: float | None = None,
+    weight_decay: float = 0.0,
+    lambda_: float = 0.0,
+    gate_update: str = "prox_adam",
+    threshold: str = "lr_scaled",
+) -> list[dict]:
+    """Param groups for :class:`SoRAOptimizer`: adapters (with decay), 1-d extras (no decay), gates.
+
+    "Extras" are the trainable parameters that are not SoRA weights (e.g. a classifier head kept
+    by ``modules_to_save``); their biases and norms get no weight decay, as is customary.
+    """
+    gate_ids = {id(m.gate) for _, m in sora_modules(model)}
+    if not gate_ids:
+        raise ValueError("the model has no SoRA modules; call inject_sora(model, SoRAConfig(...)) first")
+    gates, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in gate_ids:
+            gates.append(param)
+        elif param.ndim >= 2 or name.endswith(("lora_A", "lora_B")):
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "group_name": "adapter"},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "group_name": "adapter_no_decay"},
+        {
+            "params": gates,
+            "lr": lr if gate_lr is None else gate_lr,
+            "weight_decay": 0.0,
+            "sora_gate": True,
+            "gate_update": gate_update,
+            "threshold": threshold,
+            "prox_lambda": lambda_,
+            "group_name": "gate",
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def gate_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The gate groups of an optimizer (also through DeepSpeed or Accelerate wrappers)."""
+    groups = [g for g in optimizer.param_groups if g.get("sora_gate")]
+    if not groups:
+        raise ValueError("the optimizer has no SoRA gate group (a param group with sora_gate=True)")
+    return groups
