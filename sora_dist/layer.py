@@ -80,11 +80,11 @@ class SoRALinear(nn.Module):
         gated = down * (self.gate * self.scale).to(dtype)
         return out + F.linear(gated, self.lora_B.to(dtype)).to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """s * B diag(g) A in fp32, shaped like the base weight (d_out x d_in)."""
-        B = self.lora_B.detach().float()
-        g = self.gate.detach().float()
-        return (B * (g * self.scale)) @ self.lora_A.detach().float()
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s * B diag(g) A in ``dtype`` (default fp32), shaped like the base weight (d_out x d_in)."""
+        B = self.lora_B.detach().to(dtype)
+        g = self.gate.detach().to(dtype)
+        return (B * (g * self.scale)) @ self.lora_A.detach().to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scale={self.scale:g}"

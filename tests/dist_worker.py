@@ -1,0 +1,225 @@
+"""One training run for the distributed tests, started by torchrun (or plain python for 1 process).
+
+Every rank writes what it sees to ``--out``: ``rank<r>.safetensors`` (the full adapter tensors,
+gathered under ZeRO-3) and ``rank<r>.json`` (backend facts, collective counts per step, memory).
+The final adapter goes through ``save_sora`` into ``--out/train/adapter``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BACKENDS = {
+    "single": None,
+    "ddp": None,
+    "zero0": "zero0.json",
+    "zero1": "zero1.json",
+    "zero2": "zero2.json",
+    "zero3": "zero3.json",
+    "zero3_offload": "zero3_offload.json",
+    "zero3_4bit": "zero3_4bit.json",
+}
+SEED = 7
+COLLECTIVES = (
+    "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+    "all_gather_single", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+    "gather", "scatter", "send", "recv", "isend", "irecv", "barrier",
+)  # fmt: skip
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collective calls (outermost call only) while ``active``."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.elements: collections.Counter = collections.Counter()
+        self.active = False
+        self.calls = []
+        self._depth = 0
+
+    def install(self) -> None:
+        # Before DeepSpeed starts: its comm backend caches some of these functions at init.
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                setattr(dist, name, self._wrap(name, getattr(dist, name)))
+
+    def _wrap(self, name, fn):
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self.active and self._depth == 0:
+                self.counts[name] += 1
+                self.elements[name] += sum(a.numel() for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+                self.calls.append((name, sum(a.numel() for a in (*args, *kwargs.values()) if torch.is_tensor(a))))
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def take(self) -> dict:
+        taken = {"counts": dict(self.counts), "elements": dict(self.elements), "calls": self.calls}
+        self.calls = []
+        self.counts.clear()
+        self.elements.clear()
+        return taken
+
+
+def token_data(n: int = 48, seq_len: int = 16, vocab: int = 128, seed: int = 1234) -> list[dict]:
+    """Sequences that follow x[t+1] = (a x[t] + b) mod vocab: learnable, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(n):
+        a, b, x = (int(v) for v in torch.randint(1, vocab, (3,), generator=g))
+        seq = [x]
+        for _ in range(seq_len - 1):
+            seq.append((a * seq[-1] + b) % vocab)
+        data.append({"input_ids": torch.tensor(seq)})
+    return data
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backend", choices=BACKENDS, required=True)
+    p.add_argument("--mixed-precision", default="no")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--gate-lr", type=float, default=0.1)
+    p.add_argument("--lambda", dest="lambda_", type=float, default=2.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--r", type=int, default=4)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--crash-after-step", type=int, default=0, help="die (SIGKILL-like) right after this step")
+    p.add_argument("--crash-in-save", type=int, default=0, help="die while writing the checkpoint of this step")
+    p.add_argument("--count-collectives", action="store_true")
+    p.add_argument("--lora", action="store_true", help="baseline: gates frozen at 1, no gate group (plain LoRA)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    counter = CollectiveCounter()
+    if args.count_collectives:
+        counter.install()
+    from sora_dist import SoRAConfig, inject_sora, sora_modules
+    from sora_dist import distributed, train
+    from sora_dist.io import adapter_state
+    from safetensors.torch import save_file
+
+    ds_config = BACKENDS[args.backend] and REPO / "ds_configs" / BACKENDS[args.backend]
+    accelerator = distributed.build_accelerator(ds_config, args.mixed_precision, args.grad_accum)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    four_bit = args.backend == "zero3_4bit"
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    model = train.load_causal_lm(args.model, load_in_4bit=four_bit, dtype=dtype)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    facts = {
+        "rank": rank,
+        "world_size": world,
+        "backend": distributed.backend_name(accelerator),
+        "base_partitioned_at_load": hasattr(q_proj.weight, "ds_id"),
+        "base_local_numel_at_load": q_proj.weight.data.numel(),
+        "base_is_4bit": type(q_proj).__name__ == "Linear4bit",
+    }
+    torch.manual_seed(SEED)
+    inject_sora(model, SoRAConfig(r=args.r, alpha=2.0 * args.r, dropout=args.dropout), verbose=False)
+    if args.lora:
+        for _, module in sora_modules(model):
+            module.gate.data.fill_(1.0)
+            module.gate.requires_grad_(False)
+    initial_gates = {name: m.gate.detach().clone() for name, m in sora_modules(model)}
+    config = train.TrainConfig(
+        steps=args.steps,
+        micro_batch_size=args.micro_batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        gate_lr=args.gate_lr,
+        lambda_start=args.lambda_,
+        max_grad_norm=args.max_grad_norm,
+        seed=SEED,
+        output_dir=str(Path(args.out) / "train"),
+        save_every=args.save_every,
+        log_every=0 if args.count_collectives else 3,
+    )
+    per_step, step_times, tick = [], [], [time.perf_counter()]
+
+    def on_step(step, model, optimizer):
+        if args.count_collectives:
+            per_step.append(counter.take())
+        now = time.perf_counter()
+        step_times.append(now - tick[0])
+        tick[0] = now
+        if step == args.crash_after_step:
+            os._exit(17)
+
+    if args.crash_in_save:
+        original = distributed.save_state
+
+        def save_then_die(accelerator, model, path):
+            original(accelerator, model, path)
+            if f"{args.crash_in_save:08d}" in str(path):
+                accelerator.wait_for_everyone()
+                os._exit(17)
+
+        distributed.save_state = save_then_die
+    data = token_data()
+    if args.lora:
+        model, optimizer = lora_loop(model, data, config, accelerator, on_step, counter)
+    else:
+        counter.active = True
+        model, optimizer = train.train(model, data, config, accelerator, on_step=on_step)
+    counter.active = False
+    facts["memory"] = distributed.model_state_bytes(accelerator.unwrap_model(model), optimizer)
+    facts["step_times"] = step_times
+    facts["collectives"] = per_step
+    client = distributed.client_optimizer(optimizer)
+    facts["gate_shard_numel"] = distributed.gate_shard_numel(optimizer, client)
+    unwrapped = accelerator.unwrap_model(model)
+    tensors, _ = adapter_state(unwrapped)
+    for name, gate in initial_gates.items():
+        tensors[f"{name}.initial_gate"] = gate.float()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
+    distributed.end_of_run()
+
+
+def lora_loop(model, data, config, accelerator, on_step, counter):
+    """The LoRA baseline: the same loop pieces as train.train, without a gate group or λ."""
+    from sora_dist import distributed, train
+
+    optimizer = train.build_optimizer(model, config)
+    if distributed.uses_deepspeed(accelerator):
+        distributed.fill_deepspeed_config(accelerator, config.micro_batch_size, config.max_grad_norm)
+    model, wrapped = accelerator.prepare(model, optimizer)
+    batches = train.ShardedBatches(data, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed)
+    counter.active = True
+    for step in range(config.steps):
+        train.set_learning_rates(optimizer, step, config)
+        train.optimizer_step(model, wrapped, batches, step, accelerator, config)
+        on_step(step + 1, model, wrapped)
+    return model, wrapped
+
+
+if __name__ == "__main__":
+    main()
