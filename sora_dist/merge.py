@@ -23,7 +23,8 @@ class MergedModule:
 
 @dataclasses.dataclass
 class MergeReport:
-    """How far each stored merged weight is from the exact fp32 W0 + ΔW of the trained model.
+    """How far each stored merged weight is from the exact fp32 W0 + ΔW of the trained model
+    (float64 for a float64 base).
 
     For a dense base this is only the rounding of the weight dtype. For a quantized base merged
     to a dense dtype it is the same rounding (the dequantized W0 is exactly what the trained model

@@ -13,15 +13,15 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from helpers import LLAMA_PROJ, batch, linear_names, lm_loss, tiny_bert_classifier, tiny_llama
+from helpers import LLAMA_PROJ, batch, linear_names, lm_loss, tiny_llama, train_steps
 from sora_dist import (
     SoRAConfig,
     SoRALinear,
     SoRAOptimizer,
     inject_sora,
+    prune_sora,
     sora_modules,
     sora_param_groups,
     sparsity_report,
@@ -283,12 +283,8 @@ def test_lambda_zero_with_ones_gate_trains_like_plain_lora(freeze):
 def test_enough_lambda_gives_exact_zeros_and_consistent_sparsity_report():
     """prox_adam with lambda*sum(lr) ~ 1: exact zero gates appear; the report's live ranks equal the
     (gate != 0) counts and its parameter count equals sum |K| (d_in + d_out) (SORA.md)."""
-    from sora_dist import prune_sora
-
     model = inject_sora(tiny_llama(seed=5), SoRAConfig(r=6, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"]), verbose=False)
     opt = SoRAOptimizer(sora_param_groups(model, lr=5e-3, gate_lr=0.05, lambda_=0.9), lr=5e-3)
-    from helpers import train_steps
-
     train_steps(model, opt, steps=12)
     gates = {n: m.gate.detach() for n, m in sora_modules(model)}
     zeros = sum(int((g == 0).sum()) for g in gates.values())

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from helpers import batch, lm_loss, tiny_llama
+from helpers import batch, lm_loss, tiny_bert_classifier, tiny_llama
 from sora_dist import LambdaSchedule, SoRAConfig, SoRAOptimizer, inject_sora, sora_modules, sora_param_groups
 
 ATOL = 1e-6
@@ -242,8 +242,6 @@ def test_weight_decay_never_touches_gates():
 
 def test_sora_param_groups_split_gates_adapters_and_extras():
     """Gates go to one sora_gate group (with lambda/update/threshold), lora_A/B decay, 1-d extras do not."""
-    from helpers import tiny_bert_classifier
-
     model = inject_sora(tiny_bert_classifier(), SoRAConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]), verbose=False)
     groups = sora_param_groups(model, lr=1e-3, gate_lr=5e-2, weight_decay=0.01, lambda_=0.3, gate_update="prox_sgd", threshold="fixed")
     by_name = {g["group_name"]: g for g in groups}

@@ -132,6 +132,7 @@ def test_4bit_adapter_gradients_match_dense_dequantized_copy(tiny_dir, quant_typ
 
 
 @pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="the repack gotcha only exists on CPUs with AVX512-BF16")
+@pytest.mark.filterwarnings("ignore:.*autograd kernel was not registered")
 def test_gradient_check_detects_the_repack_gotcha_when_it_is_not_disabled(tiny_dir):
     """Control for the test above: re-enabling bitsandbytes' CPU repack, then an eval no_grad forward,
     makes the 4-bit gradients wrong (they stop at the repacked layers), so the comparison can fail."""
