@@ -32,6 +32,25 @@ def base_identity(model: nn.Module) -> dict:
     return identity
 
 
+def model_task(model: nn.Module) -> str | None:
+    """``causal_lm`` or ``sequence_classification`` from the transformers class name, else None."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "causal_lm"
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    return None
+
+
+def base_quantization(model: nn.Module) -> dict | None:
+    """The base's quantization settings (bitsandbytes 4/8-bit), as transformers recorded them."""
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant is None:
+        return None
+    as_dict = quant.to_dict() if hasattr(quant, "to_dict") else dict(quant)
+    return json.loads(json.dumps(as_dict, default=str))
+
+
 def _is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
@@ -53,6 +72,21 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, modules
 
 
+def adapter_metadata(model: nn.Module, modules: dict, trainable: list[str], extra: dict | None = None) -> dict:
+    """The ``sora_config.json`` content: hyperparameters, per-module shapes/ranks/scales, base identity."""
+    return {
+        "format": "sora_dist",
+        "format_version": FORMAT_VERSION,
+        "sora": model.sora_config.to_dict(),
+        "modules": modules,
+        "trainable": trainable,
+        "base_model": base_identity(model),
+        "task": model_task(model),
+        "base_quantization": base_quantization(model),
+        **(extra or {}),
+    }
+
+
 def save_sora(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write the adapter of ``model`` to the folder ``path``, atomically.
 
@@ -65,15 +99,7 @@ def save_sora(model: nn.Module, path: str | os.PathLike, extra: dict | None = No
     path = Path(path)
     if not _is_main_process():
         return path
-    meta = {
-        "format": "sora_dist",
-        "format_version": FORMAT_VERSION,
-        "sora": config.to_dict(),
-        "modules": modules,
-        "trainable": sorted(k for k in tensors if k.rsplit(".", 1)[0] not in modules),
-        "base_model": base_identity(model),
-        **(extra or {}),
-    }
+    meta = adapter_metadata(model, modules, sorted(k for k in tensors if k.rsplit(".", 1)[0] not in modules), extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -147,7 +173,12 @@ def load_sora(model: nn.Module, path: str | os.PathLike, verbose: bool = False) 
     checked before anything changes.
     """
     meta, tensors = read_adapter(path)
-    where = str(Path(path) / CONFIG_NAME)
+    return apply_adapter(model, meta, tensors, str(Path(path) / CONFIG_NAME), verbose)
+
+
+@torch.no_grad()
+def apply_adapter(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor], where: str, verbose: bool = False) -> nn.Module:
+    """:func:`load_sora` from adapter metadata and tensors already in memory."""
     check_compatible(meta, model, where)
     if not any(True for _ in sora_modules(model)):
         exact_names = "|".join(re.escape(name) for name in sorted(meta["modules"]))
