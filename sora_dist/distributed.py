@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .optim import SoRAOptimizer, gate_groups
+from .optim import SoRAOptimizer
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
@@ -159,6 +160,12 @@ def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, micro_batch
         raise TypeError(f"prepare() needs a SoRAOptimizer (the gates are updated inside its step()), got {type(optimizer).__name__}")
     if uses_deepspeed(accelerator):
         fill_deepspeed_config(accelerator, micro_batch_size, max_grad_norm)
+        if zero_stage(accelerator) == 0 and engine_dtype(accelerator) == torch.bfloat16 and accelerator.is_main_process:
+            warnings.warn(
+                "DeepSpeed ZeRO-0 with bf16 keeps no fp32 master weights: the adapter and the gates are updated "
+                "in bf16, where small steps round away. Use ZeRO-1 (ds_configs/zero1.json) or DDP with bf16 autocast.",
+                stacklevel=2,
+            )
     model, wrapped = accelerator.prepare(model, optimizer)
     stepped = client_optimizer(wrapped)
     if stepped is not optimizer:
@@ -167,7 +174,10 @@ def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, micro_batch
             "gates would never be thresholded. With ZeRO-Offload set \"zero_force_ds_cpu_optimizer\": false in the DeepSpeed config"
         )
     if not gate_shard_numel(wrapped, stepped):
-        raise RuntimeError(f"the {backend_name(accelerator)} backend left the SoRA gate group empty on rank {accelerator.process_index}")
+        raise RuntimeError(
+            f"the {backend_name(accelerator)} backend gives the SoRA optimizer no gate to step on rank "
+            f"{accelerator.process_index}: its gate group (sora_gate=True) is missing or empty"
+        )
     return model, wrapped
 
 
@@ -234,11 +244,11 @@ def save_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
     if uses_deepspeed(accelerator):
         accelerator.save_state(str(path), exclude_frozen_parameters=True)
         return
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_names(accelerator, model)
 
     def drop_frozen(models, weights, output_dir):
         for i, state in enumerate(weights):
-            weights[i] = {k: v for k, v in state.items() if k in trainable}
+            weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
 
     handle = accelerator.register_save_state_pre_hook(drop_frozen)
     try:
@@ -247,12 +257,27 @@ def save_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
         handle.remove()
 
 
-def load_state(accelerator, path: str | os.PathLike) -> None:
-    """Load a checkpoint written by :func:`save_state` (frozen weights are absent, hence non-strict)."""
+def load_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint written by :func:`save_state`.
+
+    Frozen weights are absent, so loading is non-strict; the saved names are checked first, so a
+    checkpoint of another model fails instead of silently loading nothing.
+    """
     if uses_deepspeed(accelerator):
         accelerator.load_state(str(path), load_module_strict=False)
-    else:
-        accelerator.load_state(str(path), strict=False)
+        return
+    from safetensors import safe_open
+
+    weights = Path(path) / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as saved:
+        stray = sorted(k for k in saved.keys() if k.removeprefix("module.") not in trainable_names(accelerator, model))
+    if stray:
+        raise ValueError(f"{weights}: {len(stray)} saved tensors are not trainable parameters of this model (first: {stray[0]!r})")
+    accelerator.load_state(str(path), strict=False)
+
+
+def trainable_names(accelerator, model: nn.Module) -> set[str]:
+    return {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
 def model_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:

@@ -74,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
         if self.save_every and not self.output_dir:
             raise ValueError("TrainConfig.save_every needs an output_dir to write checkpoints to")
 
@@ -234,18 +236,18 @@ def run_state(step: int, lambdas: LambdaSchedule, batches: ShardedBatches, accel
     }
 
 
-def resume(path: Path, accelerator, lambdas: LambdaSchedule, batches: ShardedBatches, config: TrainConfig) -> int:
+def resume(path: Path, accelerator, model, lambdas: LambdaSchedule, batches: ShardedBatches, config: TrainConfig) -> int:
     """Load a checkpoint written by :func:`save_checkpoint`; returns the step to continue from."""
     state = json.loads((path / STATE_NAME).read_text())
     current = run_state(0, lambdas, batches, accelerator, config)
-    for key in ("global_batch_size", "dataset_size", "seed"):
+    for key in ("global_batch_size", "dataset_size", "seed", "world_size"):
         if state[key] != current[key]:
             raise ValueError(
                 f"{path / STATE_NAME}: cannot resume exactly: {key} was {state[key]} but is now {current[key]}. "
-                "Use the same data, seed and global batch (micro_batch_size x grad_accum x processes), "
-                "or start a fresh output_dir"
+                "Use the same data, seed, number of processes and global batch (micro_batch_size x grad_accum x "
+                "processes), or start a fresh output_dir"
             )
-    distributed.load_state(accelerator, path)
+    distributed.load_state(accelerator, model, path)
     lambdas.load_state_dict(state["lambda_schedule"])
     return int(state["step"])
 
@@ -289,7 +291,7 @@ def train(
     step = 0
     found = latest_checkpoint(config.output_dir) if config.output_dir and config.resume else None
     if found is not None:
-        step = resume(found, accelerator, lambdas, batches, config)
+        step = resume(found, accelerator, model, lambdas, batches, config)
         if accelerator.is_main_process:
             print(f"resumed from {found} at step {step}", flush=True)
     while step < config.steps:

@@ -8,7 +8,6 @@ The final adapter goes through ``save_sora`` into ``--out/train/adapter``.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import os
@@ -41,13 +40,13 @@ COLLECTIVES = (
 
 
 class CollectiveCounter:
-    """Counts torch.distributed collective calls (outermost call only) while ``active``."""
+    """Records torch.distributed calls (outermost only) as (name, elements moved) while ``active``."""
 
     def __init__(self):
-        self.counts: collections.Counter = collections.Counter()
-        self.elements: collections.Counter = collections.Counter()
         self.active = False
-        self.calls = []
+        self.calls: list[tuple[str, int]] = []
+        self.in_optimizer_step = 0
+        self._inside_step = False
         self._depth = 0
 
     def install(self) -> None:
@@ -60,8 +59,7 @@ class CollectiveCounter:
         @functools.wraps(fn)
         def counted(*args, **kwargs):
             if self.active and self._depth == 0:
-                self.counts[name] += 1
-                self.elements[name] += sum(a.numel() for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+                self.in_optimizer_step += self._inside_step
                 self.calls.append((name, sum(a.numel() for a in (*args, *kwargs.values()) if torch.is_tensor(a))))
             self._depth += 1
             try:
@@ -71,11 +69,22 @@ class CollectiveCounter:
 
         return counted
 
+    def watch_step(self, optimizer) -> None:
+        """Also count the calls made inside ``optimizer.step()`` (SoRA's update must make none)."""
+        step = optimizer.step
+
+        def watched(*args, **kwargs):
+            self._inside_step = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self._inside_step = False
+
+        optimizer.step = watched
+
     def take(self) -> dict:
-        taken = {"counts": dict(self.counts), "elements": dict(self.elements), "calls": self.calls}
-        self.calls = []
-        self.counts.clear()
-        self.elements.clear()
+        taken = {"calls": self.calls, "in_optimizer_step": self.in_optimizer_step}
+        self.calls, self.in_optimizer_step = [], 0
         return taken
 
 
@@ -106,11 +115,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lambda", dest="lambda_", type=float, default=2.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--r", type=int, default=4)
+    p.add_argument("--adapter-rank", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--log-every", type=int, default=3)
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--crash-after-step", type=int, default=0, help="die (SIGKILL-like) right after this step")
-    p.add_argument("--crash-in-save", type=int, default=0, help="die while writing the checkpoint of this step")
+    p.add_argument("--crash-in-save", type=int, default=0, help="all ranks die (os._exit) while writing this step's checkpoint")
     p.add_argument("--count-collectives", action="store_true")
+    p.add_argument("--zero-option", action="append", default=[], help="KEY=INT: override zero_optimization.KEY")
     p.add_argument("--lora", action="store_true", help="baseline: gates frozen at 1, no gate group (plain LoRA)")
     return p.parse_args()
 
@@ -125,7 +136,10 @@ def main() -> None:
     from sora_dist.io import adapter_state
     from safetensors.torch import save_file
 
-    ds_config = BACKENDS[args.backend] and REPO / "ds_configs" / BACKENDS[args.backend]
+    ds_config = BACKENDS[args.backend] and distributed.load_ds_config(REPO / "ds_configs" / BACKENDS[args.backend])
+    for option in args.zero_option:
+        key, value = option.split("=")
+        ds_config["zero_optimization"][key] = int(value)
     accelerator = distributed.build_accelerator(ds_config, args.mixed_precision, args.grad_accum)
     rank, world = accelerator.process_index, accelerator.num_processes
     four_bit = args.backend == "zero3_4bit"
@@ -141,7 +155,7 @@ def main() -> None:
         "base_is_4bit": type(q_proj).__name__ == "Linear4bit",
     }
     torch.manual_seed(SEED)
-    inject_sora(model, SoRAConfig(r=args.r, alpha=2.0 * args.r, dropout=args.dropout), verbose=False)
+    inject_sora(model, SoRAConfig(r=args.adapter_rank, alpha=2.0 * args.adapter_rank, dropout=args.dropout), verbose=False)
     if args.lora:
         for _, module in sora_modules(model):
             module.gate.data.fill_(1.0)
@@ -158,18 +172,23 @@ def main() -> None:
         seed=SEED,
         output_dir=str(Path(args.out) / "train"),
         save_every=args.save_every,
-        log_every=0 if args.count_collectives else 3,
+        log_every=0 if args.count_collectives else args.log_every,
     )
-    per_step, step_times, tick = [], [], [time.perf_counter()]
+    per_step, step_times, cpu_times, tick = [], [], [], [time.perf_counter(), time.process_time()]
 
     def on_step(step, model, optimizer):
         if args.count_collectives:
             per_step.append(counter.take())
-        now = time.perf_counter()
-        step_times.append(now - tick[0])
-        tick[0] = now
-        if step == args.crash_after_step:
-            os._exit(17)
+            if step == 1:
+                counter.watch_step(distributed.client_optimizer(optimizer))
+        if step == 1:
+            base = accelerator.unwrap_model(model).model.layers[0].self_attn.q_proj.base
+            facts["base_local_numel_in_training"] = base.weight.data.numel()
+            facts["base_shard_numel_in_training"] = getattr(base.weight, "ds_tensor", base.weight).numel()
+        now = [time.perf_counter(), time.process_time()]
+        step_times.append(now[0] - tick[0])
+        cpu_times.append(now[1] - tick[1])
+        tick[:] = now
 
     if args.crash_in_save:
         original = distributed.save_state
@@ -181,7 +200,7 @@ def main() -> None:
                 os._exit(17)
 
         distributed.save_state = save_then_die
-    data = token_data()
+    data = token_data(seq_len=args.seq_len, vocab=model.config.vocab_size)
     if args.lora:
         model, optimizer = lora_loop(model, data, config, accelerator, on_step, counter)
     else:
@@ -190,6 +209,7 @@ def main() -> None:
     counter.active = False
     facts["memory"] = distributed.model_state_bytes(accelerator.unwrap_model(model), optimizer)
     facts["step_times"] = step_times
+    facts["cpu_times"] = cpu_times  # CPU seconds of this process per step: robust to other jobs on the machine
     facts["collectives"] = per_step
     client = distributed.client_optimizer(optimizer)
     facts["gate_shard_numel"] = distributed.gate_shard_numel(optimizer, client)
