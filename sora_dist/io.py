@@ -55,31 +55,43 @@ def _is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
-def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+def module_specs(model: nn.Module) -> dict[str, dict]:
+    """Shape, rank and scale of every SoRA module (no tensor data, so no gathering)."""
+    return {
+        name: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "scale": m.scale}
+        for name, m in sora_modules(model)
+    }
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Trainable parameters outside the SoRA branches (e.g. a classifier head kept by modules_to_save)."""
+    sora_ids = {id(p) for _, m in sora_modules(model) for p in (m.lora_A, m.lora_B, m.gate)}
+    return sorted(name for name, p in model.named_parameters() if p.requires_grad and id(p) not in sora_ids)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every SoRA tensor and every other trainable tensor, full (gathered under ZeRO-3), on CPU."""
-    tensors, modules = {}, {}
+    tensors = {}
     for name, module in sora_modules(model):
         params = [module.lora_A, module.lora_B, module.gate]
         with gathered(params):
             for key, param in zip(("lora_A", "lora_B", "gate"), params):
                 tensors[f"{name}.{key}"] = param.detach().to("cpu", copy=True).contiguous()
-        modules[name] = {"in_features": module.in_features, "out_features": module.out_features, "rank": module.rank, "scale": module.scale}
-    sora_ids = {id(p) for _, m in sora_modules(model) for p in (m.lora_A, m.lora_B, m.gate)}
-    for name, param in model.named_parameters():
-        if param.requires_grad and id(param) not in sora_ids:
-            with gathered([param]):
-                tensors[name] = param.detach().to("cpu", copy=True).contiguous()
-    return tensors, modules
+    params = dict(model.named_parameters())
+    for name in trainable_names(model):
+        with gathered([params[name]]):
+            tensors[name] = params[name].detach().to("cpu", copy=True).contiguous()
+    return tensors
 
 
-def adapter_metadata(model: nn.Module, modules: dict, trainable: list[str], extra: dict | None = None) -> dict:
+def adapter_metadata(model: nn.Module, extra: dict | None = None) -> dict:
     """The ``sora_config.json`` content: hyperparameters, per-module shapes/ranks/scales, base identity."""
     return {
         "format": "sora_dist",
         "format_version": FORMAT_VERSION,
         "sora": model.sora_config.to_dict(),
-        "modules": modules,
-        "trainable": trainable,
+        "modules": module_specs(model),
+        "trainable": trainable_names(model),
         "base_model": base_identity(model),
         "task": model_task(model),
         "base_quantization": base_quantization(model),
@@ -95,11 +107,11 @@ def save_sora(model: nn.Module, path: str | os.PathLike, extra: dict | None = No
     config = getattr(model, "sora_config", None)
     if config is None:
         raise ValueError("the model has no SoRA adapter to save (no sora_config); call inject_sora first")
-    tensors, modules = adapter_state(model)
+    tensors = adapter_state(model)
     path = Path(path)
     if not _is_main_process():
         return path
-    meta = adapter_metadata(model, modules, sorted(k for k in tensors if k.rsplit(".", 1)[0] not in modules), extra)
+    meta = adapter_metadata(model, extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -70,7 +70,8 @@ class SoRALinear(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.gate.numel()
+        # A ZeRO-3 partitioned gate holds 0 local elements; ds_numel is its real size.
+        return getattr(self.gate, "ds_numel", None) or self.gate.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -78,7 +79,13 @@ class SoRALinear(nn.Module):
         down = F.linear(self.dropout(x), self.lora_A.to(dtype))
         # The scale is folded into the gate: one multiply on r features instead of d_out.
         gated = down * (self.gate * self.scale).to(dtype)
-        return out + F.linear(gated, self.lora_B.to(dtype)).to(out.dtype)
+        lora_B = self.lora_B.to(dtype)
+        if out.dtype == dtype and out.shape[:-1] == gated.shape[:-1] and out.shape[-1] == lora_B.shape[0]:
+            # out + gated B^T as one GEMM with beta = 1 (addmm): no separate pass over the output
+            # and no output-sized temporary. Same math and same backward as linear + add.
+            fused = torch.addmm(out.reshape(-1, out.shape[-1]), gated.reshape(-1, gated.shape[-1]), lora_B.t())
+            return fused.view(out.shape)
+        return out + F.linear(gated, lora_B).to(out.dtype)
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """s * B diag(g) A in ``dtype`` (default fp32), shaped like the base weight (d_out x d_in)."""

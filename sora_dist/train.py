@@ -30,7 +30,7 @@ from torch import nn
 
 from . import distributed
 from .inject import SoRAConfig, inject_sora
-from .io import _replace_dir, save_sora
+from .io import CONFIG_NAME, _replace_dir, adapter_metadata, save_sora
 from .optim import SoRAOptimizer, gate_groups, sora_param_groups
 from .schedule import LambdaSchedule
 from .sparsity import sparsity_report
@@ -213,6 +213,8 @@ def save_checkpoint(accelerator, model, output_dir: str | os.PathLike, state: di
     distributed.save_state(accelerator, model, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # The adapter's description, so that sora-merge / sora-export can read this checkpoint.
+        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_metadata(accelerator.unwrap_model(model)), indent=2, sort_keys=True) + "\n")
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, final)
         complete = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())

@@ -214,7 +214,7 @@ def main() -> None:
     client = distributed.client_optimizer(optimizer)
     facts["gate_shard_numel"] = distributed.gate_shard_numel(optimizer, client)
     unwrapped = accelerator.unwrap_model(model)
-    tensors, _ = adapter_state(unwrapped)
+    tensors = adapter_state(unwrapped)
     for name, gate in initial_gates.items():
         tensors[f"{name}.initial_gate"] = gate.float()
     out = Path(args.out)
