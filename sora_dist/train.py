@@ -30,6 +30,7 @@ from torch import nn
 
 from . import distributed
 from .inject import SoRAConfig, inject_sora
+from .models import load_model
 from .io import CONFIG_NAME, _replace_dir, adapter_metadata, save_sora
 from .optim import SoRAOptimizer, gate_groups, sora_param_groups
 from .schedule import LambdaSchedule
@@ -65,6 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = True
     log_every: int = 10
+    eval_every: int = 0
 
     def __post_init__(self):
         for key in ("steps", "micro_batch_size", "grad_accum"):
@@ -138,10 +140,11 @@ class ShardedBatches:
     one process with ``world_size`` times the micro-batch sees exactly the same examples per step.
     """
 
-    def __init__(self, dataset, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int):
+    def __init__(self, dataset, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int, collate_fn=collate):
         if len(dataset) == 0:
             raise ValueError("the training data set is empty")
         self.dataset, self.micro_batch_size, self.grad_accum = dataset, micro_batch_size, grad_accum
+        self.collate_fn = collate_fn
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self._order: dict[int, torch.Tensor] = {}
 
@@ -156,7 +159,7 @@ class ShardedBatches:
 
     def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         start = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.micro_batch_size
-        return collate([self.dataset[self._index(p)] for p in range(start, start + self.micro_batch_size)])
+        return self.collate_fn([self.dataset[self._index(p)] for p in range(start, start + self.micro_batch_size)])
 
 
 def optimizer_step(model, optimizer, batches: ShardedBatches, step: int, accelerator, config: TrainConfig) -> torch.Tensor:
@@ -254,17 +257,72 @@ def resume(path: Path, accelerator, model, lambdas: LambdaSchedule, batches: Sha
     return int(state["step"])
 
 
-def log_progress(accelerator, model, optimizer, step: int, loss: torch.Tensor, config: TrainConfig) -> None:
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the run stopped before writing anything from that state."""
+
+
+def check_finite(loss: torch.Tensor, step: int, accelerator, config: TrainConfig) -> None:
+    """Stop every rank together when any rank's loss is not finite (one scalar all-reduce)."""
+    bad = (~torch.isfinite(loss)).float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        last = latest_checkpoint(config.output_dir) if config.output_dir else None
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteLoss(
+            f"loss is {loss.item()} at step {step}: stopping; {where}. Lower train.lr or train.max_grad_norm "
+            "(or check the data) and resume"
+        )
+
+
+class Progress:
+    """tqdm on the main process, the metrics log (JSONL + TensorBoard) in the output folder."""
+
+    def __init__(self, accelerator, config: TrainConfig, start: int):
+        from tqdm.auto import tqdm
+
+        from .metrics import MetricsLog
+
+        self.main = accelerator.is_main_process
+        self.bar = tqdm(total=config.steps, initial=start, disable=not self.main, desc="train", dynamic_ncols=True)
+        self.log = MetricsLog(config.output_dir, enabled=self.main) if config.output_dir else None
+
+    def record(self, step: int, kind: str, values: dict) -> None:
+        if self.log is not None:
+            self.log.log(step, kind, values)
+        if self.main and kind == "train":
+            self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()}, refresh=False)
+        elif self.main:
+            self.bar.write(f"step {step} {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def train_metrics(accelerator, model, optimizer, loss: torch.Tensor) -> dict:
     """Every rank calls this: the loss average and the ZeRO-3 gate gather are collectives."""
     mean_loss = accelerator.reduce(loss, reduction="mean").item()
     report = sparsity_report(accelerator.unwrap_model(model))
-    if accelerator.is_main_process:
-        gate = gate_groups(optimizer)[0]
-        print(
-            f"step {step}/{config.steps}  loss {mean_loss:.4f}  lr {gate['lr']:.3g}  lambda {gate['prox_lambda']:.3g}  "
-            f"live ranks {report.live_rank}/{report.r_max_total}",
-            flush=True,
-        )
+    gate = gate_groups(optimizer)[0]
+    return {"loss": mean_loss, "lr": gate["lr"], "lambda": gate["prox_lambda"], "live_ranks": report.live_rank, "adapter_params": report.params}
+
+
+def write_final_report(accelerator, model, output_dir: Path) -> None:
+    """Sparsity report (JSON) and the rank-per-layer heatmap (PNG, when matplotlib is installed)."""
+    report = sparsity_report(accelerator.unwrap_model(model))
+    if not accelerator.is_main_process:
+        return
+    (output_dir / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    try:
+        from .plots import rank_heatmap
+    except ImportError:
+        return
+    try:
+        rank_heatmap(report, output_dir / "rank_heatmap.png")
+    except ImportError:
+        print("matplotlib is not installed: skipped rank_heatmap.png", flush=True)
 
 
 def train(
@@ -273,13 +331,18 @@ def train(
     config: TrainConfig,
     accelerator,
     on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
+    collate_fn: Callable[[Sequence[dict]], dict] = collate,
+    evaluate: Callable[[nn.Module], dict] | None = None,
 ):
-    """Train the SoRA adapter of ``model`` on ``dataset`` (a sequence of dicts of equal-shape tensors).
+    """Train the SoRA adapter of ``model`` on ``dataset`` (a sequence of example dicts).
 
     Resumes from the newest checkpoint in ``config.output_dir`` when one exists and
-    ``config.resume``; writes checkpoints every ``save_every`` steps and the final adapter to
-    ``output_dir/adapter``. ``on_step(step, model, optimizer)`` runs after each optimizer step on
-    every rank. Returns the backend-wrapped (model, optimizer).
+    ``config.resume``; writes checkpoints every ``save_every`` steps, and at the end the adapter
+    (``output_dir/adapter``), ``sparsity.json`` and ``rank_heatmap.png``. ``collate_fn`` turns a
+    micro-batch of examples into tensors; ``evaluate(model) -> metrics`` runs on every rank every
+    ``eval_every`` steps and at the end. ``on_step(step, model, optimizer)`` runs after each
+    optimizer step on every rank. A NaN/inf loss stops the run (:class:`NonFiniteLoss`). Returns
+    the backend-wrapped (model, optimizer).
     """
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(
@@ -289,51 +352,44 @@ def train(
     optimizer = build_optimizer(model, config)
     lambdas = config.lambda_schedule()
     model, wrapped = distributed.prepare(accelerator, model, optimizer, config.micro_batch_size, config.max_grad_norm)
-    batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed)
+    batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed, collate_fn)
     step = 0
     found = latest_checkpoint(config.output_dir) if config.output_dir and config.resume else None
     if found is not None:
         step = resume(found, accelerator, model, lambdas, batches, config)
         if accelerator.is_main_process:
             print(f"resumed from {found} at step {step}", flush=True)
-    while step < config.steps:
-        set_learning_rates(optimizer, step, config)
-        lambdas.apply(optimizer)
-        loss = optimizer_step(model, wrapped, batches, step, accelerator, config)
-        lambdas.step(optimizer)
-        step += 1
-        if config.log_every and (step % config.log_every == 0 or step == config.steps):
-            log_progress(accelerator, model, optimizer, step, loss, config)
-        if config.save_every and step % config.save_every == 0 and step < config.steps:
-            save_checkpoint(accelerator, model, config.output_dir, run_state(step, lambdas, batches, accelerator, config), config.keep_checkpoints)
-        if on_step is not None:
-            on_step(step, model, wrapped)
+    progress = Progress(accelerator, config, step)
+    try:
+        while step < config.steps:
+            set_learning_rates(optimizer, step, config)
+            lambdas.apply(optimizer)
+            loss = optimizer_step(model, wrapped, batches, step, accelerator, config)
+            lambdas.step(optimizer)
+            step += 1
+            check_finite(loss, step, accelerator, config)
+            progress.bar.update(1)
+            if config.log_every and (step % config.log_every == 0 or step == config.steps):
+                progress.record(step, "train", train_metrics(accelerator, model, optimizer, loss))
+            if evaluate is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                progress.record(step, "eval", evaluate(model))
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                save_checkpoint(accelerator, model, config.output_dir, run_state(step, lambdas, batches, accelerator, config), config.keep_checkpoints)
+            if on_step is not None:
+                on_step(step, model, wrapped)
+        if evaluate is not None:
+            progress.record(step, "eval", evaluate(model))
+    finally:
+        progress.close()
     if config.output_dir:
         save_sora(accelerator.unwrap_model(model), Path(config.output_dir) / ADAPTER_DIR, extra={"train": dataclasses.asdict(config)})
+        write_final_report(accelerator, model, Path(config.output_dir))
     return model, wrapped
 
 
 def load_causal_lm(path: str, load_in_4bit: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A causal LM from a local folder or hub id; call after build_accelerator (ZeRO-3 loads partitioned).
-
-    4-bit bases store their packed weight as ``dtype`` so that ZeRO-3 can partition it like any
-    other tensor; ``dtype`` must then be the training dtype (bf16).
-    """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    kwargs: dict = {"dtype": dtype}
-    if load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype,
-        )
-        if distributed.cpu_only() and not is_deepspeed_zero3_enabled():
-            kwargs["device_map"] = "cpu"  # ZeRO-3 refuses a device_map; it quantizes on the CPU anyway
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    """A causal LM (nf4 when ``load_in_4bit``, stored as ``dtype``: the training dtype under ZeRO-3)."""
+    return load_model(path, "causal_lm", dtype, "4bit" if load_in_4bit else "none", compute_dtype=dtype)
 
 
 def read_token_blocks(path: str | os.PathLike, seq_len: int, tokenizer_name: str | None = None) -> list[dict[str, torch.Tensor]]:

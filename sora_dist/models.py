@@ -1,0 +1,102 @@
+"""Load the base model and tokenizer a run trains: local folder or hub id, dtype, 4/8-bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import distributed
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model is neither a local folder nor available offline from the hub cache."""
+
+
+def bnb_config(quantization: str, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16, storage_dtype: torch.dtype | None = None):
+    """transformers' BitsAndBytesConfig for ``quantization`` in {"4bit", "8bit"}.
+
+    A 4-bit base stores its packed weight as ``storage_dtype`` (the model dtype), so that
+    DeepSpeed ZeRO-3 can partition it like any other tensor.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage_dtype or compute_dtype,
+    )
+
+
+ASSET_PREFIX = "asset:"
+
+
+def resolve_model_path(path: str) -> str:
+    """``asset:NAME`` names a model that installs offline from a package (sora_dist.assets)."""
+    if not path.startswith(ASSET_PREFIX):
+        return path
+    from . import assets
+
+    name = path[len(ASSET_PREFIX) :]
+    if name != assets.SMOLLM2:
+        raise ModelNotFound(f"model.path {path!r}: unknown asset; known: {ASSET_PREFIX}{assets.SMOLLM2}")
+    return str(assets.smollm2_path())
+
+
+def load_model(
+    path: str,
+    task: str = "causal_lm",
+    dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    num_labels: int | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A causal LM or sequence classifier; call after ``build_accelerator`` (ZeRO-3 loads partitioned)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if quantization != "none":
+        kwargs["quantization_config"] = bnb_config(quantization, quant_type, double_quant, compute_dtype, dtype)
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map and partitions the model itself
+            kwargs["device_map"] = "cpu" if distributed.cpu_only() else {"": torch.cuda.current_device()}
+    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(resolve_model_path(path), **kwargs)
+    except OSError as err:
+        raise ModelNotFound(_not_found(path, err)) from None
+    if task == "sequence_classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelNotFound(_not_found(path, err)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _not_found(path: str, err: Exception) -> str:
+    if Path(path).exists():
+        return f"model.path {path!r}: cannot load a transformers model from this folder: {err}"
+    return (
+        f"model.path {path!r} is not a local folder and could not be loaded from the Hugging Face hub "
+        f"(offline, or not in the cache). Download it where the network is reachable "
+        f"(`huggingface-cli download {path} --local-dir DIR`) and set model.path to DIR."
+    )

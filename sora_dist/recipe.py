@@ -1,0 +1,99 @@
+"""The ``sora-train`` recipe: a validated RunConfig in, a trained adapter and its reports out.
+
+accelerator -> tokenizer and data (cheap errors first) -> model -> SoRA -> train -> reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import distributed
+from .config import RunConfig
+from .data import Examples, pad_collate, split_holdout, tokenize_file
+from .evaluate import make_evaluator
+from .inject import inject_sora
+from .models import load_model, load_tokenizer
+from .sparsity import sparsity_report
+from .train import train
+
+CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def load_data(cfg: RunConfig, tokenizer) -> tuple[Examples, Examples | None]:
+    """Tokenized train and validation sets (from a file or a seeded held-out fraction)."""
+    data = cfg.data
+    train_set = tokenize_file(data.train_file, tokenizer, data.format, data.max_length, data.on_error)
+    val_set = None
+    if data.validation_file:
+        val_set = tokenize_file(data.validation_file, tokenizer, data.format, data.max_length, data.on_error, train_set.label_names)
+    elif data.validation_fraction:
+        train_set, val_set = split_holdout(train_set, data.validation_fraction, cfg.train.seed)
+    if val_set is not None and data.eval_max_examples:
+        val_set = Examples(val_set.rows[: data.eval_max_examples], val_set.skipped, val_set.label_names)
+    return train_set, val_set
+
+
+def num_labels_of(cfg: RunConfig, train_set: Examples) -> int | None:
+    if cfg.model.task != "sequence_classification":
+        return None
+    if cfg.model.num_labels:
+        return cfg.model.num_labels
+    if train_set.label_names:
+        return len(train_set.label_names)
+    first = train_set.rows[0]["labels"]
+    return 1 if isinstance(first, float) else max(int(r["labels"]) for r in train_set.rows) + 1
+
+
+def sora_config_for(cfg: RunConfig, model):
+    """The SoRA config; a classifier's freshly initialised head is trained in full by default."""
+    sora = cfg.sora
+    if cfg.model.task == "sequence_classification" and not sora.modules_to_save:
+        heads = [name for name in CLASSIFIER_HEADS if hasattr(model, name)]
+        sora = dataclasses.replace(sora, modules_to_save=heads[:1])
+    return sora
+
+
+def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
+    """Train as ``cfg`` says; everything goes to ``output_dir``. Returns the final summary."""
+    cfg.train.output_dir = str(output_dir)
+    accelerator = distributed.build_accelerator(cfg.distributed.deepspeed_config, cfg.distributed.mixed_precision, cfg.train.grad_accum)
+    main = accelerator.is_main_process
+    try:
+        if main:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        train_set, val_set = load_data(cfg, tokenizer)
+        if main and train_set.skipped:
+            print(f"skipped {len(train_set.skipped)} malformed rows (first: {next(iter(train_set.skipped.values()))})", flush=True)
+        labels = num_labels_of(cfg, train_set)
+        model = load_model(
+            cfg.model.path, cfg.model.task, getattr(torch, cfg.model.dtype), cfg.model.quantization,
+            cfg.model.bnb_4bit_quant_type, cfg.model.bnb_4bit_double_quant, getattr(torch, cfg.model.bnb_4bit_compute_dtype),
+            labels, cfg.model.trust_remote_code,
+        )  # fmt: skip
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(cfg.train.seed)
+        inject_sora(model, sora_config_for(cfg, model), verbose=main)
+        collate = functools.partial(pad_collate, pad_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
+        evaluate = None
+        if val_set is not None:
+            evaluate = make_evaluator(cfg.model.task, val_set.rows, collate, cfg.data.eval_batch_size, accelerator,
+                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens if cfg.data.format == "instruction" else 0)
+        model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate)
+        report = sparsity_report(accelerator.unwrap_model(model))
+        summary = {"train_examples": len(train_set), "skipped_rows": len(train_set.skipped), "sparsity": report.to_dict()}
+        if main:
+            print(report.table(), flush=True)
+            (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"adapter, sparsity.json, rank_heatmap.png and metrics.jsonl are in {output_dir}", flush=True)
+        return summary
+    finally:
+        distributed.end_of_run()

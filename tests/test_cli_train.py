@@ -1,0 +1,142 @@
+"""sora-train end to end: checkpoints and exact resume, the NaN guard, reports, and a 2-process launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from helpers import require_smollm2, tiny_llama
+from sora_dist.cli import run, train_main
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = [f"w{i}" for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with a word-level tokenizer, saved as a transformers folder."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_llama(seed=0).save_pretrained(path)
+    vocab = {word: i for i, word in enumerate(["<pad>", "<unk>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path: Path, model: Path, **train) -> Path:
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "instructions.jsonl"
+    with open(data, "w") as out:
+        for _ in range(24):
+            words = [WORDS[int(i)] for i in torch.randint(0, 100, (8,), generator=g)]
+            out.write(json.dumps({"instruction": " ".join(words[:5]), "input": "", "output": " ".join(words[5:])}) + "\n")
+    config = {
+        "model": {"path": str(model), "dtype": "float32"},
+        "sora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"format": "instruction", "train_file": str(data), "validation_fraction": 0.25, "max_length": 32},
+        "train": {"steps": 4, "micro_batch_size": 4, "lr": 1e-2, "gate_lr": 0.1, "lambda_start": 1.0,
+                  "lr_decay": "constant", "log_every": 1, "output_dir": str(tmp_path / "out"), **train},
+    }  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_checkpoint_then_resume_reaches_the_straight_run(tiny_model_dir, tmp_path):
+    """A 2-step run leaves a checkpoint; the run extended to 4 steps resumes from it and ends
+    bit-identical to a straight 4-step run (dropout on: RNG and data position are restored)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = write_config(tmp_path / "a", tiny_model_dir)
+    assert run(train_main, [str(straight)]) == 0
+    resumed = write_config(tmp_path / "b", tiny_model_dir, steps=2, save_every=1)
+    assert run(train_main, [str(resumed)]) == 0
+    out = tmp_path / "b" / "out"
+    assert (out / "checkpoints" / "step-00000001" / "sora_state.json").is_file()
+    assert run(train_main, [str(resumed), "--set", "train.steps=4"]) == 0
+    want = load_file(str(tmp_path / "a" / "out" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    # The run's reports: metrics log with train and eval records, sparsity JSON, heatmap, resolved config.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "eval"} <= {r["kind"] for r in records}
+    assert all(r["perplexity"] > 1 for r in records if r["kind"] == "eval")
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    assert sparsity["live_rank"] == sum(int((got[k] != 0).sum()) for k in got if k.endswith(".gate"))
+    assert (out / "rank_heatmap.png").stat().st_size > 0 and (out / "config.yaml").is_file()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    from sora_dist import SoRAConfig, inject_sora, sora_modules
+    from sora_dist.distributed import build_accelerator
+    from sora_dist.sources import resolve_adapter
+    from sora_dist.train import NonFiniteLoss, TrainConfig, train
+
+    model = tiny_llama(seed=0)
+    inject_sora(model, SoRAConfig(r=4), verbose=False)
+    data = [{"input_ids": torch.randint(3, 120, (16,), generator=torch.Generator().manual_seed(i))} for i in range(16)]
+    config = TrainConfig(steps=6, micro_batch_size=2, save_every=2, output_dir=str(tmp_path / "out"), log_every=0)
+
+    def poison(step, model, optimizer):
+        if step == 3:
+            with torch.no_grad():
+                next(sora_modules(model))[1].lora_A.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLoss, match=r"at step 4: stopping; the last good checkpoint is .*step-00000002"):
+        train(model, data, config, build_accelerator(), on_step=poison)
+    meta, tensors, _ = resolve_adapter(tmp_path / "out" / "checkpoints" / "step-00000002")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert not (tmp_path / "out" / "adapter").exists(), "no adapter may be written from a NaN state"
+
+
+def test_config_error_stops_before_loading_anything(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  path: /nonexistent\ndata:\n  train_file: x.jsonl\ntrain:\n  stepz: 3\n")
+    assert run(train_main, [str(path)]) == 2
+    assert "train.stepz: unknown key" in capsys.readouterr().err
+
+
+def test_help_documents_every_key(capsys):
+    from sora_dist.config import SECTIONS
+    import dataclasses
+
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    for section, cls in SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            assert f"  {field.name} (default" in text, f"{section}.{field.name} is not documented"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_accelerate_launch_of_example_config_with_zero2(tmp_path):
+    """examples/chat_sft.yaml (real SmolLM2, chat data) under `accelerate launch` with ZeRO-2 on 2 CPU processes."""
+    require_smollm2()
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", "launch/cpu_2proc.yaml",
+        "--main_process_port", "0", "-m", "sora_dist.cli", "train", "examples/chat_sft.yaml",
+        "--set", "train.steps=2", "--set", "train.micro_batch_size=1", "--set", "train.grad_accum=1",
+        "--set", "train.save_every=0", "--set", "train.warmup_steps=0", "--set", "data.max_length=64",
+        "--set", f"train.output_dir={out}", "--set", "distributed.mixed_precision=bf16",
+    ]  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["format"] == "chat"
+    assert "live ranks" in proc.stdout
