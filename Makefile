@@ -32,7 +32,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(PY) examples/demo.py
 
 bench: install
 	$(PY) benchmarks/step_time.py

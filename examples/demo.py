@@ -1,6 +1,6 @@
 """The default demo (`make demo`): 4-bit SoRA fine-tuning of a real LLM on real data, end to end.
 
-1. writes Rotten Tomatoes critic snippets as instructions ("positive"/"negative") under runs/demo/data
+1. writes Rotten Tomatoes critic snippets as chat turns (answer "positive"/"negative") under runs/demo/data
 2. measures the 4-bit SmolLM2-135M-Instruct's accuracy on held-out reviews (generated label)
 3. trains SoRA with `sora-train examples/demo_sentiment_4bit.yaml` (sparsity report, heatmap, metrics)
 4. merges the adapter into the full-precision base with `sora-merge` and checks that the merged
@@ -22,7 +22,7 @@ import torch
 
 CONFIG = Path(__file__).with_name("demo_sentiment_4bit.yaml")
 RUN = Path("runs/demo")
-INSTRUCTION = "Is this movie review positive or negative? Answer with one word."
+QUESTION = "Is this movie review positive or negative? Answer with one word."
 N_TRAIN, N_VALIDATION, SEED = 800, 200, 0
 
 
@@ -37,30 +37,8 @@ def write_data() -> None:
     for name, part in (("train", rows[:N_TRAIN]), ("validation", rows[N_TRAIN : N_TRAIN + N_VALIDATION])):
         with open(data / f"{name}.jsonl", "w") as out:
             for r in part:
-                out.write(json.dumps({"instruction": INSTRUCTION, "input": r["text"], "output": r["label"]}) + "\n")
-
-
-def answers(model, tokenizer, examples, batch_size: int = 32) -> list[str]:
-    """Greedy two-token answers to the validation prompts (left-padded batches)."""
-    from sora_dist.data import IGNORE
-
-    out = []
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(examples), batch_size):
-        prompts = [[t for t, l in zip(e["input_ids"], e["labels"]) if l == IGNORE] for e in examples[i : i + batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-        mask = (torch.arange(width, device=model.device)[None] >= torch.tensor([width - len(p) for p in prompts], device=model.device)[:, None]).long()
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=pad)
-        out += [tokenizer.decode(g, skip_special_tokens=True).strip().lower() for g in generated[:, width:]]
-    return out
-
-
-def accuracy(predicted: list[str], examples, tokenizer) -> float:
-    from sora_dist.data import IGNORE
-
-    truth = [tokenizer.decode([t for t, l in zip(e["input_ids"], e["labels"]) if l != IGNORE], skip_special_tokens=True).strip() for e in examples]
-    return sum(p.startswith(t) for p, t in zip(predicted, truth)) / len(truth)
+                messages = [{"role": "user", "content": f"Review: {r['text']}\n{QUESTION}"}, {"role": "assistant", "content": r["label"]}]
+                out.write(json.dumps({"messages": messages}) + "\n")
 
 
 def main() -> int:
@@ -68,6 +46,7 @@ def main() -> int:
     from sora_dist.cli import merge_main, train_main
     from sora_dist.config import load_config
     from sora_dist.data import tokenize_file
+    from sora_dist.evaluate import answer_accuracy, generate_answers
     from sora_dist.models import load_model, load_tokenizer, resolve_model_path
 
     start = time.perf_counter()
@@ -75,12 +54,18 @@ def main() -> int:
     write_data()
     base_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(base_path)
-    validation = tokenize_file(config.data.validation_file, tokenizer, "instruction", config.data.max_length).rows
+    validation = tokenize_file(config.data.validation_file, tokenizer, config.data.format, config.data.max_length).rows
+
+    def answers(model) -> list[str]:
+        return [r.strip().lower() for r in generate_answers(model, validation, tokenizer, 32, 2, model.device)]
+
+    def accuracy(replies: list[str]) -> float:
+        return answer_accuracy(replies, validation, tokenizer)
 
     def load_4bit():
         return load_model(base_path, dtype=torch.bfloat16, quantization="4bit", compute_dtype=torch.bfloat16).eval()
 
-    before = accuracy(answers(load_4bit(), tokenizer, validation), validation, tokenizer)
+    before = accuracy(answers(load_4bit()))
     print(f"[demo] 4-bit base before fine-tuning: accuracy {before:.3f} on {len(validation)} held-out reviews", flush=True)
 
     shutil.rmtree(RUN / "train", ignore_errors=True)
@@ -88,20 +73,20 @@ def main() -> int:
         return 1
     adapter = RUN / "train" / "adapter"
     trained = load_sora(load_4bit(), adapter).eval()
-    trained_answers = answers(trained, tokenizer, validation)
-    after = accuracy(trained_answers, validation, tokenizer)
+    trained_answers = answers(trained)
+    after = accuracy(trained_answers)
     print(f"[demo] 4-bit base + SoRA adapter:     accuracy {after:.3f} (before: {before:.3f})", flush=True)
 
     merged_dir = RUN / "merged"
     if merge_main(["--base", base_path, "--adapter", str(RUN / "train"), "--out", str(merged_dir), "--dtype", "bf16", "--force"]) != 0:
         return 1
     merged = load_model(str(merged_dir), dtype=torch.bfloat16).eval()
-    merged_answers = answers(merged, tokenizer, validation)
+    merged_answers = answers(merged)
     agree = sum(a == b for a, b in zip(merged_answers, trained_answers)) / len(validation)
-    print(f"[demo] merged bf16 model (no adapter, no 4-bit): accuracy {accuracy(merged_answers, validation, tokenizer):.3f}, "
+    print(f"[demo] merged bf16 model (no adapter, no 4-bit): accuracy {accuracy(merged_answers):.3f}, "
           f"same answer as the 4-bit adapter model on {100 * agree:.1f}% of reviews", flush=True)
     for row, reply in list(zip(validation, merged_answers))[:3]:
-        review = tokenizer.decode(row["input_ids"], skip_special_tokens=True).split("\n\n")[1][:70]
+        review = tokenizer.decode(row["input_ids"], skip_special_tokens=True).split("Review: ")[1][:70]
         print(f"[demo]   {review!r:75} -> {reply!r}")
     summary = {"accuracy_before": before, "accuracy_after": after, "merged_agreement": agree, "seconds": time.perf_counter() - start}
     (RUN / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

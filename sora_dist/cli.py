@@ -25,6 +25,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("config", help="YAML run configuration (see examples/)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     from .recipe import run_training

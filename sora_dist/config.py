@@ -124,7 +124,7 @@ HELP: dict[str, str] = {
     "data.on_error": "fail (default: stop at the first malformed row, naming file and row) | skip (count and skip)",
     "data.eval_batch_size": "batch size of evaluation",
     "data.eval_max_examples": "evaluate on at most this many validation examples (0 = all)",
-    "data.eval_generate_tokens": "instruction data: also greedily generate this many tokens and report the accuracy of the answer",
+    "data.eval_generate_tokens": "instruction/chat data: also greedily generate this many tokens and report how often they start with the reference answer",
     "train.steps": "optimizer steps (not micro-batches)",
     "train.micro_batch_size": "examples per micro-batch per process",
     "train.grad_accum": "micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x processes",

@@ -36,25 +36,44 @@ def lm_loss(model: nn.Module, examples: Sequence[dict], collate_fn, batch_size: 
 
 
 @torch.no_grad()
+def generate_answers(model: nn.Module, examples: Sequence[dict], tokenizer, batch_size: int, max_new_tokens: int,
+                     device, synced_gpus: bool = False) -> list[str]:
+    """Greedy continuations of each example's prompt: what precedes its first labelled token.
+
+    This covers instruction data and single-turn chat data alike. Prompts are left-padded.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies = []
+    for chunk in _batches(examples, batch_size):
+        prompts = [e["input_ids"][: first_label(e)] for e in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, synced_gpus=synced_gpus)
+        replies += [tokenizer.decode(generated, skip_special_tokens=True) for generated in out[:, width:]]
+    return replies
+
+
+def answer_accuracy(replies: Sequence[str], examples: Sequence[dict], tokenizer) -> float:
+    """Share of replies that start with the reference answer (the labelled tokens), case-insensitively."""
+    correct = 0
+    for reply, example in zip(replies, examples):
+        answer = normalize(tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE], skip_special_tokens=True))
+        correct += int(answer != "" and normalize(reply).startswith(answer))
+    return correct / len(examples)
+
+
 def generated_accuracy(model: nn.Module, examples: Sequence[dict], tokenizer, batch_size: int, max_new_tokens: int, accelerator) -> dict:
-    """Share of examples whose greedy continuation of the prompt equals the reference answer."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     synced = is_deepspeed_zero3_enabled() and accelerator.num_processes > 1
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    correct = 0
-    for chunk in _batches(examples, batch_size):
-        prompts = [[t for t, l in zip(e["input_ids"], e["labels"]) if l == IGNORE] for e in chunk]
-        answers = [tokenizer.decode([t for t, l in zip(e["input_ids"], e["labels"]) if l != IGNORE], skip_special_tokens=True) for e in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=accelerator.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=accelerator.device)
-        unwrapped = accelerator.unwrap_model(model)
-        out = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, synced_gpus=synced)
-        for generated, answer in zip(out[:, width:], answers):
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            correct += int(normalize(text).startswith(normalize(answer)) and normalize(answer) != "")
-    return {"generated_accuracy": correct / len(examples)}
+    replies = generate_answers(accelerator.unwrap_model(model), examples, tokenizer, batch_size, max_new_tokens, accelerator.device, synced)
+    return {"generated_accuracy": answer_accuracy(replies, examples, tokenizer)}
+
+
+def first_label(example: dict) -> int:
+    return next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
 
 
 def normalize(text: str) -> str:

@@ -86,7 +86,7 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         evaluate = None
         if val_set is not None:
             evaluate = make_evaluator(cfg.model.task, val_set.rows, collate, cfg.data.eval_batch_size, accelerator,
-                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens if cfg.data.format == "instruction" else 0)
+                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens)
         model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate)
         report = sparsity_report(accelerator.unwrap_model(model))
         summary = {"train_examples": len(train_set), "skipped_rows": len(train_set.skipped), "sparsity": report.to_dict()}
