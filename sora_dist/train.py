@@ -291,7 +291,7 @@ class Progress:
         if self.log is not None:
             self.log.log(step, kind, values)
         if self.main and kind == "train":
-            self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()}, refresh=False)
+            self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in values.items()}, refresh=False)
         elif self.main:
             self.bar.write(f"step {step} {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
 

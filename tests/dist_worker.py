@@ -236,7 +236,8 @@ def lora_loop(model, data, config, accelerator, on_step, counter):
     counter.active = True
     for step in range(config.steps):
         train.set_learning_rates(optimizer, step, config)
-        train.optimizer_step(model, wrapped, batches, step, accelerator, config)
+        loss = train.optimizer_step(model, wrapped, batches, step, accelerator, config)
+        train.check_finite(loss, step + 1, accelerator, config)
         on_step(step + 1, model, wrapped)
     return model, wrapped
 
