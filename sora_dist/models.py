@@ -42,10 +42,11 @@ def resolve_model_path(path: str) -> str:
         return path
     from . import assets
 
+    known = {assets.SMOLLM2: assets.smollm2_path, assets.MINILM: assets.minilm_path}
     name = path[len(ASSET_PREFIX) :]
-    if name != assets.SMOLLM2:
-        raise ModelNotFound(f"model.path {path!r}: unknown asset; known: {ASSET_PREFIX}{assets.SMOLLM2}")
-    return str(assets.smollm2_path())
+    if name not in known:
+        raise ModelNotFound(f"model.path {path!r}: unknown asset; known: {', '.join(ASSET_PREFIX + k for k in known)}")
+    return str(known[name]())
 
 
 def load_model(

