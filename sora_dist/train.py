@@ -306,7 +306,15 @@ def train_metrics(accelerator, model, optimizer, loss: torch.Tensor) -> dict:
     mean_loss = accelerator.reduce(loss, reduction="mean").item()
     report = sparsity_report(accelerator.unwrap_model(model))
     gate = gate_groups(optimizer)[0]
-    return {"loss": mean_loss, "lr": gate["lr"], "lambda": gate["prox_lambda"], "live_ranks": report.live_rank, "adapter_params": report.params}
+    adapter = next((g for g in optimizer.param_groups if not g.get("sora_gate")), gate)
+    return {
+        "loss": mean_loss,
+        "lr": adapter["lr"],
+        "gate_lr": gate["lr"],
+        "lambda": gate["prox_lambda"],
+        "live_ranks": report.live_rank,
+        "adapter_params": report.params,
+    }
 
 
 def write_final_report(accelerator, model, output_dir: Path) -> None:
