@@ -1,6 +1,7 @@
 """The run configuration of ``sora-train``: one YAML file, validated before anything heavy starts.
 
-Sections: ``model``, ``sora``, ``data``, ``train``. Each maps onto a dataclass; an unknown key, a
+Sections: ``model``, ``sora``, ``data``, ``train``, ``distributed`` and the optional
+``sparsity_schedule`` (present: the run is the staged Algorithm 1 of SORA.md). Each maps onto a dataclass; an unknown key, a
 wrong type or an impossible value fails with the key's path (``train.lr``) and what is allowed.
 """
 
@@ -16,6 +17,7 @@ import yaml
 
 from .data import FORMATS
 from .inject import SoRAConfig
+from .stages import SparsitySchedule
 from .train import TrainConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,7 +98,10 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "distributed": DistributedConfig,
+    "sparsity_schedule": SparsitySchedule,
 }
+# Sections that exist only when the YAML has them (None otherwise).
+OPTIONAL_SECTIONS = ("sparsity_schedule",)
 
 HELP: dict[str, str] = {
     "model.path": "local model folder or hub id (offline: the files must be local or cached)",
@@ -149,6 +154,14 @@ HELP: dict[str, str] = {
     "train.eval_every": "evaluate every N steps (0 = only at the end)",
     "distributed.deepspeed_config": "DeepSpeed JSON (ds_configs/) when launching with torchrun/deepspeed; accelerate launch passes its own",
     "distributed.mixed_precision": "no | bf16 | fp16 (fp16 needs a GPU); default: the launcher's setting",
+    "sparsity_schedule.kind": "linear | geometric (stages lambdas from start to end) | list (the lambdas in values); "
+    "present, this section runs the stages instead of one training run (train.lambda_* are then unused)",
+    "sparsity_schedule.start": "lambda of the first stage (linear | geometric; > 0 for geometric)",
+    "sparsity_schedule.end": "lambda of the last stage (>= start)",
+    "sparsity_schedule.stages": "number of stages K (linear | geometric)",
+    "sparsity_schedule.values": "kind=list: the non-decreasing lambdas, one per stage, e.g. [0.1, 0.3, 1.0]",
+    "sparsity_schedule.steps_per_stage": "optimizer steps of each stage, each with its own warm-up/decay of the lr (default: train.steps)",
+    "sparsity_schedule.train_subset": "memorization is scored on the first N training examples",
 }
 
 
@@ -170,9 +183,10 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     distributed: DistributedConfig
+    sparsity_schedule: SparsitySchedule | None = None
 
     def to_dict(self) -> dict:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if getattr(self, name) is not None}
 
 
 def _check_type(path: str, value: Any, annotation) -> Any:
@@ -192,10 +206,20 @@ def _check_type(path: str, value: Any, annotation) -> Any:
             return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if origin is str and isinstance(value, str):
             return value
-        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        item = (typing.get_args(option) or (str,))[0]
+        if origin is list and isinstance(value, list) and item is str and all(isinstance(v, str) for v in value):
             return value
+        if origin is list and isinstance(value, list) and item is float and all(_is_real(v) for v in value):
+            return [float(v) for v in value]
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _is_real(value: Any) -> bool:
+    """An int or float from YAML, or a string such as 3e-4 that YAML 1.1 did not read as a number."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or (isinstance(value, str) and _is_number(value))
 
 
 def _is_number(text: str) -> bool:
@@ -259,4 +283,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     for key in raw:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section; sections: {', '.join(SECTIONS)}")
-    return RunConfig(**{name: build_section(name, raw.get(name)) for name in SECTIONS})
+    sections = {name: build_section(name, raw.get(name)) for name in SECTIONS if name in raw or name not in OPTIONAL_SECTIONS}
+    config = RunConfig(**sections)
+    if config.sparsity_schedule is not None:
+        check_stages(config)
+    return config
+
+
+def check_stages(config: RunConfig) -> None:
+    """What the staged run needs beyond its own section: validation data and a valid stage length."""
+    if not (config.data.validation_file or config.data.validation_fraction):
+        raise ConfigError(
+            "sparsity_schedule: the generalization curve needs validation data: "
+            "set data.validation_file or data.validation_fraction"
+        )
+    schedule = config.sparsity_schedule
+    try:
+        schedule.stage_config(config.train, 0, schedule.lambdas()[0], "")
+    except ValueError as err:
+        message = str(err).replace("TrainConfig.", "train.").replace("steps=", "sparsity_schedule.steps_per_stage=")
+        raise ConfigError(f"sparsity_schedule.steps_per_stage: each stage is one training run: {message}") from None

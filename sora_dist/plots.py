@@ -1,4 +1,4 @@
-"""Pictures of a SoRA adapter: effective rank per layer and module (needs matplotlib)."""
+"""Pictures of a SoRA adapter: effective rank per layer and module, the sparsifying-schedule curves (need matplotlib)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,36 @@ def rank_heatmap(report: SparsityReport, path: str | os.PathLike, title: str = "
     ax.set_ylabel("layer")
     ax.set_title(f"{title}\n{report.params:,} of {report.dense_params:,} adapter parameters kept", fontsize=9)
     fig.colorbar(image, ax=ax, label=f"live rank (r_max = {r_max})")
+    return _save(fig, path)
+
+
+def stage_curves(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Write the sparsifying-schedule curves: generalization and memorization (% of stage 0)
+    against the non-zero adapter parameters of each stage, each point labelled with its λ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    params = [row["nonzero_params"] for row in rows]
+    for key, marker, data in (("generalization", "o-", "validation"), ("memorization", "s--", "training subset")):
+        values = [float("nan") if row[key] is None else row[key] for row in rows]
+        ax.plot(params, values, marker, label=f"{key} ({data})")
+    for row in rows:
+        ax.annotate(f"λ={row['lambda']:.3g}", (row["nonzero_params"], row["generalization"] or 0.0), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))  # fmt: skip
+    ax.set_xlabel("non-zero adapter parameters")
+    ax.set_ylabel(f"% of stage 0 ({rows[0]['score']})")
+    ax.set_title("SoRA sparsifying schedule", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The ``sora-train`` recipe: a validated RunConfig in, a trained adapter and its reports out.
 
 accelerator -> tokenizer and data (cheap errors first) -> model -> SoRA -> train -> reports.
+With a ``sparsity_schedule`` section, "train" is the staged run of stages.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .evaluate import make_evaluator
 from .inject import inject_sora
 from .models import load_model, load_tokenizer
 from .sparsity import sparsity_report
+from .stages import run_stages
 from .train import train
 
 CLASSIFIER_HEADS = ("score", "classifier")
@@ -87,13 +89,27 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         if val_set is not None:
             evaluate = make_evaluator(cfg.model.task, val_set.rows, collate, cfg.data.eval_batch_size, accelerator,
                                       tokenizer, labels or 2, cfg.data.eval_generate_tokens)
-        model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate)
+        stages = None
+        if cfg.sparsity_schedule is None:
+            model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate)
+        else:
+            subset = train_set.rows[: cfg.sparsity_schedule.train_subset]
+            memorize = make_evaluator(cfg.model.task, subset, collate, cfg.data.eval_batch_size, accelerator,
+                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens)
+            model, stages = run_stages(model, train_set, cfg.train, cfg.sparsity_schedule, accelerator, evaluate, memorize,
+                                       output_dir, collate_fn=collate)  # fmt: skip
         report = sparsity_report(accelerator.unwrap_model(model))
         summary = {"train_examples": len(train_set), "skipped_rows": len(train_set.skipped), "sparsity": report.to_dict()}
+        if stages is not None:
+            summary["stages"] = stages
         if main:
             print(report.table(), flush=True)
             (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(f"adapter, sparsity.json, rank_heatmap.png and metrics.jsonl are in {output_dir}", flush=True)
+            if stages is None:
+                print(f"adapter, sparsity.json, rank_heatmap.png and metrics.jsonl are in {output_dir}", flush=True)
+            else:
+                print(f"stages.csv, stages.json and stages.png are in {output_dir}; each stage's adapter and reports in "
+                      f"{Path(output_dir) / 'stages'}", flush=True)  # fmt: skip
         return summary
     finally:
         distributed.end_of_run()
