@@ -87,6 +87,30 @@ class DistributedConfig:
             raise ValueError(f"deepspeed_config: file {self.deepspeed_config!r} not found (see ds_configs/)")
 
 
+@dataclasses.dataclass
+class SparsityBudget:
+    """Budget mode (budget.py): λ is chosen during training so the live adapter reaches a target size."""
+
+    target_rank: float | None = None
+    target_params: int | None = None
+    by_step: int = 0
+    lambda_max: float = 1.0
+    trajectory: str = "cubic"
+
+    def __post_init__(self):
+        if (self.target_rank is None) == (self.target_params is None):
+            raise ValueError("target_rank: give exactly one of target_rank (average live rank per module) or target_params")
+        if self.target_rank is not None and self.target_rank < 0:
+            raise ValueError(f"target_rank: must be >= 0, got {self.target_rank}")
+        if self.target_params is not None and self.target_params < 0:
+            raise ValueError(f"target_params: must be >= 0, got {self.target_params}")
+        if self.by_step < 1:
+            raise ValueError(f"by_step: required: the optimizer step by which to reach the target (>= 1), got {self.by_step}")
+        if not 0 < self.lambda_max <= 10:
+            raise ValueError(f"lambda_max: must be in (0, 10] (prox_adam + lr_scaled: about 1-2), got {self.lambda_max}")
+        _choice("trajectory", self.trajectory, ("cubic", "linear"))
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{key}: must be one of {list(allowed)}, got {value!r}")
@@ -99,9 +123,10 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "distributed": DistributedConfig,
     "sparsity_schedule": SparsitySchedule,
+    "sparsity_budget": SparsityBudget,
 }
 # Sections that exist only when the YAML has them (None otherwise).
-OPTIONAL_SECTIONS = ("sparsity_schedule",)
+OPTIONAL_SECTIONS = ("sparsity_schedule", "sparsity_budget")
 
 HELP: dict[str, str] = {
     "model.path": "local model folder or hub id (offline: the files must be local or cached)",
@@ -162,6 +187,14 @@ HELP: dict[str, str] = {
     "sparsity_schedule.values": "kind=list: the non-decreasing lambdas, one per stage, e.g. [0.1, 0.3, 1.0]",
     "sparsity_schedule.steps_per_stage": "optimizer steps of each stage, each with its own warm-up/decay of the lr (default: train.steps)",
     "sparsity_schedule.train_subset": "memorization is scored on the first N training examples",
+    "sparsity_budget.target_rank": "budget as the average live rank per SoRA module (0..sora.r); present, this section "
+    "sets lambda during training (train.lambda_* are then unused); give this or target_params",
+    "sparsity_budget.target_params": "budget as the number of non-zero adapter parameters (sum of live rank x (d_in + d_out))",
+    "sparsity_budget.by_step": "optimizer step by which the live count should reach the target (<= train.steps); held afterwards",
+    "sparsity_budget.lambda_max": "largest lambda the controller may use (prox_adam + lr_scaled: about 1-2)",
+    "sparsity_budget.trajectory": "planned decrease from the start count to the target: cubic (fast first, AdaLoRA-style) | linear",
+    "sparsity_schedule.compact": "remove the dead ranks (gates exactly 0) physically between stages, so later stages "
+    "train a smaller adapter (a removed rank cannot revive); stages.csv gets adapter_params and step_time_s. Not with ZeRO-3",
 }
 
 
@@ -184,6 +217,7 @@ class RunConfig:
     train: TrainConfig
     distributed: DistributedConfig
     sparsity_schedule: SparsitySchedule | None = None
+    sparsity_budget: SparsityBudget | None = None
 
     def to_dict(self) -> dict:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if getattr(self, name) is not None}
@@ -287,7 +321,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     config = RunConfig(**sections)
     if config.sparsity_schedule is not None:
         check_stages(config)
+    if config.sparsity_budget is not None:
+        check_budget(config)
     return config
+
+
+def check_budget(config: RunConfig) -> None:
+    """Budget mode against the other sections: one way of choosing lambda, a reachable target."""
+    budget = config.sparsity_budget
+    if config.sparsity_schedule is not None:
+        raise ConfigError("sparsity_budget: cannot be combined with sparsity_schedule (both choose lambda): keep one")
+    if budget.by_step > config.train.steps:
+        raise ConfigError(f"sparsity_budget.by_step: must be <= train.steps={config.train.steps}, got {budget.by_step}")
+    if budget.target_rank is not None and budget.target_rank > config.sora.r:
+        raise ConfigError(f"sparsity_budget.target_rank: must be <= sora.r={config.sora.r}, got {budget.target_rank}")
 
 
 def check_stages(config: RunConfig) -> None:

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from . import distributed
+from .budget import BudgetController, budget_target, plot_budget
 from .config import RunConfig
 from .data import Examples, pad_collate, split_holdout, tokenize_file
 from .evaluate import make_evaluator
@@ -61,6 +62,31 @@ def sora_config_for(cfg: RunConfig, model):
     return sora
 
 
+def budget_controller(cfg: RunConfig, model) -> BudgetController:
+    """The λ controller of budget mode; it measures the live count of ``model`` (the unwrapped module,
+    which every rank measures after each optimizer step: the ZeRO-3 gate gather is a collective)."""
+    budget = cfg.sparsity_budget
+    target, unit = budget_target(sparsity_report(model), budget.target_rank, budget.target_params)
+
+    def measure() -> float:
+        report = sparsity_report(model)
+        return report.params if unit == "adapter_params" else report.live_rank
+
+    controller = BudgetController(target, budget.by_step, measure, budget.lambda_max, budget.trajectory)
+    controller.unit = unit
+    return controller
+
+
+def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> None:
+    metrics = Path(output_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    try:
+        plot_budget(metrics, Path(output_dir) / "budget.png", controller, controller.unit)
+    except ImportError:
+        print("matplotlib is not installed: skipped budget.png", flush=True)
+
+
 def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
     """Train as ``cfg`` says; everything goes to ``output_dir``. Returns the final summary."""
     cfg.train.output_dir = str(output_dir)
@@ -90,8 +116,11 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
             evaluate = make_evaluator(cfg.model.task, val_set.rows, collate, cfg.data.eval_batch_size, accelerator,
                                       tokenizer, labels or 2, cfg.data.eval_generate_tokens)
         stages = None
+        controller = budget_controller(cfg, model) if cfg.sparsity_budget is not None else None
         if cfg.sparsity_schedule is None:
-            model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate)
+            model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate, lambdas=controller)
+            if controller is not None and main:
+                write_budget_plot(controller, output_dir)
         else:
             subset = train_set.rows[: cfg.sparsity_schedule.train_subset]
             memorize = make_evaluator(cfg.model.task, subset, collate, cfg.data.eval_batch_size, accelerator,
@@ -102,9 +131,14 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         summary = {"train_examples": len(train_set), "skipped_rows": len(train_set.skipped), "sparsity": report.to_dict()}
         if stages is not None:
             summary["stages"] = stages
+        if controller is not None:
+            summary["budget"] = {"target": controller.target, "unit": controller.unit, "by_step": controller.by_step, "reached": controller.last_count}
         if main:
             print(report.table(), flush=True)
             (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if controller is not None:
+                print(f"budget mode: target {controller.target:g} {controller.unit}, reached {controller.last_count:g}; "
+                      f"see budget.png", flush=True)  # fmt: skip
             if stages is None:
                 print(f"adapter, sparsity.json, rank_heatmap.png and metrics.jsonl are in {output_dir}", flush=True)
             else:

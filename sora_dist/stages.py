@@ -8,7 +8,15 @@ record
 
 - generalization = validation score / best stage-0 validation score × 100
 - memorization   = score on a fixed training subset / its stage-0 value × 100
-- the number of non-zero adapter parameters, and the stage's adapter (``stages/stage-k/adapter``).
+- the number of non-zero adapter parameters, and the stage's adapter (``stages/stage-k/adapter``)
+- the adapter's physical size during the stage (``adapter_params``: numel of A, B and the gates) and
+  the mean wall time of its optimizer steps (``step_time_s``).
+
+With ``compact=True`` the dead ranks (gates exactly zero) are removed physically between stages
+(:mod:`sora_dist.compact`), so later stages train a smaller adapter. The fresh optimizer of the next
+stage (and under DeepSpeed ZeRO-0/1/2 its fresh engine, prepared around the smaller adapter) loses
+nothing: the moments restart at every stage anyway. A removed rank can no longer revive in a
+later stage, as a zero gate can without compaction. Not supported on ZeRO-3 partitioned weights.
 
 The score is "higher is better": accuracy for classifiers (Pearson for a regression head), the
 generated-answer accuracy of a causal LM when it is evaluated, else exp(-eval_loss).
@@ -24,25 +32,28 @@ import csv
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from torch import nn
 
+from .compact import compact_model, physical_adapter_params
 from .plots import stage_curves
 from .sparsity import sparsity_report
 from .train import ADAPTER_DIR, TrainConfig, collate, train
 
 KINDS = ("linear", "geometric", "list")
 SCORES = ("generated_accuracy", "accuracy", "pearson")
-COLUMNS = ("stage", "lambda", "steps", "nonzero_params", "live_ranks", "score", "validation", "train_subset",
-           "generalization", "memorization", "adapter")  # fmt: skip
+COLUMNS = ("stage", "lambda", "steps", "nonzero_params", "live_ranks", "adapter_params", "step_time_s", "score",
+           "validation", "train_subset", "generalization", "memorization", "adapter")  # fmt: skip
 
 
 @dataclasses.dataclass
 class SparsitySchedule:
     """λ_0 ≤ λ_1 ≤ ... ≤ λ_{K-1}: ``stages`` values spaced linearly or geometrically from ``start``
-    to ``end``, or the explicit ``values``. ``steps_per_stage`` None takes ``train.steps``."""
+    to ``end``, or the explicit ``values``. ``steps_per_stage`` None takes ``train.steps``.
+    ``compact``: remove the dead ranks physically between stages."""
 
     kind: str = "linear"
     start: float | None = None
@@ -51,6 +62,7 @@ class SparsitySchedule:
     values: list[float] | None = None
     steps_per_stage: int | None = None
     train_subset: int = 128
+    compact: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -156,6 +168,11 @@ def run_stages(
     and ``stages.png`` into ``output_dir``, rewritten after every stage.
     """
     output_dir = Path(output_dir)
+    if schedule.compact:
+        from .distributed import zero_stage
+
+        if zero_stage(accelerator) == 3:
+            raise ValueError("sparsity_schedule.compact: not supported under DeepSpeed ZeRO-3 (partitioned adapter tensors); use ZeRO-0/1/2 or compact: false")
     rows: list[dict] = []
     baselines: tuple[float, float] | None = None
     for stage, lambda_ in enumerate(schedule.lambdas()):
@@ -163,10 +180,16 @@ def run_stages(
             # Back to the bare model: the next train() prepares it with its new optimizer.
             model = accelerator.unwrap_model(model)
             accelerator.free_memory()
+            if schedule.compact:
+                compact_between_stages(model, stage, accelerator.is_main_process)
         stage_dir = output_dir / "stages" / f"stage-{stage}"
         config = schedule.stage_config(base, stage, lambda_, stage_dir)
         recorder = Recorder(evaluate)
-        model, _ = train(model, dataset, config, accelerator, collate_fn=collate_fn, evaluate=recorder)
+        adapter_params = physical_adapter_params(model)
+        timer = StepTimer()
+        started = time.perf_counter()
+        model, _ = train(model, dataset, config, accelerator, collate_fn=collate_fn, evaluate=recorder, on_step=timer)
+        step_time = timer.mean(time.perf_counter() - started, config.steps)
         name, validation = score(recorder.results[-1])
         _, memorized = score(memorize(model))
         if baselines is None:
@@ -176,7 +199,7 @@ def run_stages(
             "stage": stage, "lambda": lambda_, "steps": config.steps, "nonzero_params": report.params,
             "live_ranks": report.live_rank, "score": name, "validation": validation, "train_subset": memorized,
             "generalization": relative(validation, baselines[0]), "memorization": relative(memorized, baselines[1]),
-            "adapter": str(stage_dir / ADAPTER_DIR),
+            "adapter": str(stage_dir / ADAPTER_DIR), "adapter_params": adapter_params, "step_time_s": step_time,
         })  # fmt: skip
         if accelerator.is_main_process:
             write_stage_reports(rows, output_dir)
@@ -185,15 +208,47 @@ def run_stages(
     return model, rows
 
 
+class StepTimer:
+    """``on_step`` callback of train(): the wall-clock time of every optimizer step after the first."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, step, model, optimizer) -> None:
+        self.times.append(time.perf_counter())
+
+    def mean(self, total: float, steps: int) -> float:
+        """Mean seconds per step between the first and the last step (no setup, final evaluation or
+        saving; logging and periodic evaluation included); with one step, ``total / steps``."""
+        if len(self.times) >= 2:
+            return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+        return total / max(steps, 1)
+
+
+def compact_between_stages(model: nn.Module, stage: int, main: bool) -> None:
+    """Remove the dead ranks before ``stage``; skipped when no rank is live at all (the next stage
+    would have nothing to train, while uncompacted zero gates can still revive)."""
+    before = physical_adapter_params(model)
+    if sparsity_report(model).live_rank == 0:
+        if main:
+            print(f"stage {stage}: no live rank left, nothing to compact (kept the zero gates)", flush=True)
+        return
+    removed, _ = compact_model(model)
+    if main and removed:
+        print(f"stage {stage}: compacted {sum(removed.values())} dead ranks in {len(removed)} modules, "
+              f"adapter {before:,} -> {physical_adapter_params(model):,} parameters", flush=True)
+
+
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}%"
 
 
 def write_stage_reports(rows: list[dict], output_dir: Path) -> None:
-    """stages.csv and stages.json (one row per stage) and, with matplotlib, the curves stages.png."""
+    """stages.csv (the COLUMNS of each row) and stages.json (whole rows), one row per stage, and,
+    with matplotlib, the curves stages.png."""
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "stages.csv", "w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=COLUMNS)
+        writer = csv.DictWriter(out, fieldnames=list(COLUMNS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     (output_dir / "stages.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -341,6 +341,7 @@ def train(
     on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     collate_fn: Callable[[Sequence[dict]], dict] = collate,
     evaluate: Callable[[nn.Module], dict] | None = None,
+    lambdas=None,
 ):
     """Train the SoRA adapter of ``model`` on ``dataset`` (a sequence of example dicts).
 
@@ -350,7 +351,8 @@ def train(
     micro-batch of examples into tensors; ``evaluate(model) -> metrics`` runs on every rank every
     ``eval_every`` steps and at the end. ``on_step(step, model, optimizer)`` runs after each
     optimizer step on every rank. A NaN/inf loss stops the run (:class:`NonFiniteLoss`). Returns
-    the backend-wrapped (model, optimizer).
+    the backend-wrapped (model, optimizer). ``lambdas`` replaces ``config.lambda_schedule()``: any
+    object with its interface, e.g. a budget.BudgetController (λ chosen from the live count).
     """
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(
@@ -358,7 +360,7 @@ def train(
             f"TrainConfig.grad_accum is {config.grad_accum}: pass grad_accum= to build_accelerator"
         )
     optimizer = build_optimizer(model, config)
-    lambdas = config.lambda_schedule()
+    lambdas = config.lambda_schedule() if lambdas is None else lambdas
     model, wrapped = distributed.prepare(accelerator, model, optimizer, config.micro_batch_size, config.max_grad_norm)
     batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed, collate_fn)
     step = 0

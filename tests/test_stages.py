@@ -16,8 +16,8 @@ from test_cli_train import tiny_model_dir, write_config  # noqa: F401  (the tiny
 
 LR = 1e-2
 LAMBDAS = [0.5, 2.25, 4.0]  # linear from 0.5 to 4 in 3 stages
-COLUMNS = ["stage", "lambda", "steps", "nonzero_params", "live_ranks", "score", "validation", "train_subset",
-           "generalization", "memorization", "adapter"]  # fmt: skip
+COLUMNS = ["stage", "lambda", "steps", "nonzero_params", "live_ranks", "adapter_params", "step_time_s", "score",
+           "validation", "train_subset", "generalization", "memorization", "adapter"]  # fmt: skip
 
 
 def staged_config(tmp_path, model, **schedule):

@@ -1,0 +1,122 @@
+"""Rank compaction: physically remove the ranks whose gate is exactly zero, mid-training.
+
+AdaLoRA only masks pruned ranks, so they keep costing compute and optimizer memory. Here a dead
+rank i of a SoRA module (g_i == 0) loses its row of A, its column of B and its gate entry; a
+module with no live rank becomes its bare base layer (:func:`sora_dist.prune.prune_module`). The
+outputs do not change at the moment of compaction (a zero gate contributes exactly nothing).
+
+:func:`compact_model_and_optimizer` also carries the optimizer over: a new
+:class:`~sora_dist.optim.SoRAOptimizer` whose groups hold the new tensors with the same
+hyperparameters, and whose Adam moments (``exp_avg``, ``exp_avg_sq``) are sliced the same way as
+the parameters, each keeping its own step count. Training then continues exactly as the
+uncompacted model would **as long as its dead gates stay zero** — a zero gate still gets a gradient
+and the proximal step can revive it when |its Adam/SGD step| exceeds τ; compaction makes the death
+permanent. Ranks that never revive are what the sparsifying schedule aims at.
+
+Only a plain (single process or DDP, not DeepSpeed) SoRAOptimizer can be carried over: DeepSpeed's
+optimizer holds flat shards. The staged run (``sparsity_schedule.compact``) compacts only between
+stages, where every stage builds a fresh optimizer (and a fresh DeepSpeed engine) anyway, so it
+needs :func:`compact_model` alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inject import replace_module, sora_modules
+from .optim import SoRAOptimizer
+from .prune import live_ranks, prune_module
+
+ADAPTER_TENSORS = ("lora_A", "lora_B", "gate")
+
+
+def physical_adapter_params(model: nn.Module) -> int:
+    """Elements actually stored in the SoRA adapters: numel of lora_A, lora_B and gate, summed.
+
+    Under ZeRO-3 a partitioned tensor holds few local elements; its full size (``ds_numel``) counts.
+    """
+    total = 0
+    for _, module in sora_modules(model):
+        for name in ADAPTER_TENSORS:
+            tensor = getattr(module, name)
+            total += int(getattr(tensor, "ds_numel", None) or tensor.numel())
+    return total
+
+
+def _is_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(getattr(m, name), "ds_id") for _, m in sora_modules(model) for name in ADAPTER_TENSORS)
+
+
+@torch.no_grad()
+def compact_model(model: nn.Module) -> tuple[dict[str, int], dict[int, tuple[nn.Parameter | None, torch.Tensor | None, int]]]:
+    """Remove every dead rank of every SoRA module in place (same result as :func:`prune_sora`).
+
+    Returns (removed ranks per module name, only modules that lost some; the parameter map
+    ``id(old parameter) -> (new parameter or None when dropped, kept indices or None when
+    unchanged, dimension the indices select)``) — the map is what carries an optimizer over.
+    """
+    if _is_partitioned(model):
+        raise RuntimeError("rank compaction needs whole adapter tensors: it is not supported on ZeRO-3 partitioned parameters")
+    removed: dict[str, int] = {}
+    mapping: dict[int, tuple[nn.Parameter | None, torch.Tensor | None, int]] = {}
+    for name, module in list(sora_modules(model)):
+        keep, rank = live_ranks(module), module.rank
+        if keep.numel() == rank:
+            continue
+        old = {t: getattr(module, t) for t in ADAPTER_TENSORS}
+        pruned = prune_module(module)
+        removed[name] = rank - keep.numel()
+        if pruned is not module:
+            replace_module(model, name, pruned)
+            for tensor in old.values():
+                mapping[id(tensor)] = (None, None, 0)
+            continue
+        for t, tensor in old.items():
+            mapping[id(tensor)] = (getattr(module, t), keep, 1 if t == "lora_B" else 0)
+    return removed, mapping
+
+
+def _slice_state(state: dict, param: torch.Tensor, keep: torch.Tensor, dim: int) -> dict:
+    """``state`` with every tensor shaped like ``param`` sliced to ``keep`` along ``dim``."""
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value = value.index_select(dim, keep.to(value.device)).clone()
+        out[key] = value
+    return out
+
+
+def carry_optimizer(optimizer: SoRAOptimizer, mapping: dict) -> SoRAOptimizer:
+    """A new SoRAOptimizer over the compacted parameters: same groups (a group may end empty, so
+    group indices and LR-scheduler bookkeeping stay valid), same hyperparameters, state sliced."""
+    if not isinstance(optimizer, SoRAOptimizer):
+        raise TypeError(
+            f"carrying optimizer state needs a plain SoRAOptimizer, got {type(optimizer).__name__} "
+            "(under DeepSpeed/Accelerate compact between runs and build a fresh optimizer)"
+        )
+    groups, state = [], {}
+    for group in optimizer.param_groups:
+        params = []
+        for param in group["params"]:
+            new, keep, dim = mapping.get(id(param), (param, None, 0))
+            if new is None:
+                continue
+            params.append(new)
+            if param in optimizer.state:
+                old = optimizer.state[param]
+                state[new] = dict(old) if keep is None else _slice_state(old, param, keep, dim)
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    defaults = optimizer.defaults
+    carried = SoRAOptimizer(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"])
+    for param, value in state.items():
+        carried.state[param] = value
+    return carried
+
+
+def compact_model_and_optimizer(model: nn.Module, optimizer: SoRAOptimizer) -> tuple[SoRAOptimizer, dict[str, int]]:
+    """Compact ``model`` in place and return (the new optimizer with the carried state, removed ranks
+    per module name). Step the returned optimizer from now on; the old one holds the old tensors.
+    An LR scheduler bound to the old optimizer must be rebuilt on the new one."""
+    removed, mapping = compact_model(model)
+    return carry_optimizer(optimizer, mapping), removed
