@@ -1,8 +1,9 @@
 """The run configuration of ``sora-train``: one YAML file, validated before anything heavy starts.
 
-Sections: ``model``, ``sora``, ``data``, ``train``, ``distributed`` and the optional
-``sparsity_schedule`` (present: the run is the staged Algorithm 1 of SORA.md). Each maps onto a dataclass; an unknown key, a
-wrong type or an impossible value fails with the key's path (``train.lr``) and what is allowed.
+Sections: ``model``, ``sora``, ``data``, ``train``, ``distributed``, and two optional ones:
+``sparsity_schedule`` (the staged Algorithm 1 of SORA.md) or ``sparsity_budget`` (a λ controller
+towards a target live rank or parameter count). Each maps onto a dataclass; an unknown key, a wrong
+type or an impossible value fails with the key's path (``train.lr``) and what is allowed.
 """
 
 from __future__ import annotations
