@@ -261,18 +261,45 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the run stopped before writing anything from that state."""
 
 
-def check_finite(loss: torch.Tensor, step: int, accelerator, config: TrainConfig) -> None:
-    """Stop every rank together when any rank's loss is not finite (one scalar all-reduce)."""
-    bad = (~torch.isfinite(loss)).float()
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bad.item() > 0:
-        last = latest_checkpoint(config.output_dir) if config.output_dir else None
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteLoss(
-            f"loss is {loss.item()} at step {step}: stopping; {where}. Lower train.lr or train.max_grad_norm "
-            "(or check the data) and resume"
-        )
+class FiniteGuard:
+    """Remembers, on the device, the first optimizer step whose loss was NaN or inf.
+
+    :meth:`observe` runs every step without a host sync or a collective; :meth:`check` (one scalar
+    all-reduce and one sync) runs before anything is logged, evaluated or written, so a checkpoint
+    or adapter is never made from a broken state and every rank stops together.
+    """
+
+    def __init__(self, accelerator, config: TrainConfig):
+        self.accelerator, self.config = accelerator, config
+        self.first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where((self.first_bad == 0) & bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, step: int) -> None:
+        never = torch.full_like(self.first_bad, self.config.steps + 1)
+        first = torch.where(self.first_bad > 0, self.first_bad, never)
+        if self.accelerator.num_processes > 1:
+            first = -self.accelerator.reduce(-first, reduction="max")  # the earliest over all ranks
+        first = int(first.item())
+        if first <= self.config.steps:
+            last = latest_checkpoint(self.config.output_dir) if self.config.output_dir else None
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise NonFiniteLoss(
+                f"loss is not finite since optimizer step {first}; at step {step}: stopping; {where}. "
+                "Lower train.lr or train.max_grad_norm (or check the data) and resume"
+            )
+
+
+def guard_due(step: int, config: TrainConfig, evaluating: bool) -> bool:
+    """Steps at which the loop logs, evaluates, saves or ends: the FiniteGuard checks there."""
+    return (
+        step == config.steps
+        or bool(config.log_every and step % config.log_every == 0)
+        or bool(evaluating and config.eval_every and step % config.eval_every == 0)
+        or bool(config.save_every and step % config.save_every == 0)
+    )
 
 
 class Progress:
@@ -370,6 +397,7 @@ def train(
         if accelerator.is_main_process:
             print(f"resumed from {found} at step {step}", flush=True)
     progress = Progress(accelerator, config, step)
+    guard = FiniteGuard(accelerator, config)
     try:
         while step < config.steps:
             set_learning_rates(optimizer, step, config)
@@ -377,7 +405,9 @@ def train(
             loss = optimizer_step(model, wrapped, batches, step, accelerator, config)
             lambdas.step(optimizer)
             step += 1
-            check_finite(loss, step, accelerator, config)
+            guard.observe(loss, step)
+            if guard_due(step, config, evaluate is not None):
+                guard.check(step)
             progress.bar.update(1)
             if config.log_every and (step % config.log_every == 0 or step == config.steps):
                 progress.record(step, "train", train_metrics(accelerator, model, optimizer, loss))

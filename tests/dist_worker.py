@@ -233,11 +233,14 @@ def lora_loop(model, data, config, accelerator, on_step, counter):
         distributed.fill_deepspeed_config(accelerator, config.micro_batch_size, config.max_grad_norm)
     model, wrapped = accelerator.prepare(model, optimizer)
     batches = train.ShardedBatches(data, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed)
+    guard = train.FiniteGuard(accelerator, config)
     counter.active = True
     for step in range(config.steps):
         train.set_learning_rates(optimizer, step, config)
         loss = train.optimizer_step(model, wrapped, batches, step, accelerator, config)
-        train.check_finite(loss, step + 1, accelerator, config)
+        guard.observe(loss, step + 1)
+        if train.guard_due(step + 1, config, evaluating=False):
+            guard.check(step + 1)
         on_step(step + 1, model, wrapped)
     return model, wrapped
 
