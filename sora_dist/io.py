@@ -27,9 +27,22 @@ def base_identity(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     if config is None:
         return {"class": type(model).__name__}
-    identity = {key: getattr(config, key) for key in IDENTITY_KEYS if getattr(config, key, None) is not None}
-    identity["name_or_path"] = getattr(config, "_name_or_path", "") or ""
+    return config_identity({key: getattr(config, key, None) for key in (*IDENTITY_KEYS, "_name_or_path")})
+
+
+def config_identity(config: dict) -> dict:
+    """The identity fields of a transformers config given as a dict (e.g. a config.json)."""
+    identity = {key: config[key] for key in IDENTITY_KEYS if config.get(key) is not None}
+    identity["name_or_path"] = config.get("_name_or_path") or ""
     return identity
+
+
+def identity_mismatch(saved: dict, current: dict) -> str | None:
+    """The first identity field in which two bases differ (the name or path never counts)."""
+    for key in sorted(set(saved) | set(current)):
+        if key != "name_or_path" and saved.get(key) != current.get(key):
+            return key
+    return None
 
 
 def model_task(model: nn.Module) -> str | None:
@@ -63,7 +76,7 @@ def module_specs(model: nn.Module) -> dict[str, dict]:
     }
 
 
-def trainable_names(model: nn.Module) -> list[str]:
+def extra_trainable_names(model: nn.Module) -> list[str]:
     """Trainable parameters outside the SoRA branches (e.g. a classifier head kept by modules_to_save)."""
     sora_ids = {id(p) for _, m in sora_modules(model) for p in (m.lora_A, m.lora_B, m.gate)}
     return sorted(name for name, p in model.named_parameters() if p.requires_grad and id(p) not in sora_ids)
@@ -78,7 +91,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, param in zip(("lora_A", "lora_B", "gate"), params):
                 tensors[f"{name}.{key}"] = param.detach().to("cpu", copy=True).contiguous()
     params = dict(model.named_parameters())
-    for name in trainable_names(model):
+    for name in extra_trainable_names(model):
         with gathered([params[name]]):
             tensors[name] = params[name].detach().to("cpu", copy=True).contiguous()
     return tensors
@@ -91,7 +104,7 @@ def adapter_metadata(model: nn.Module, extra: dict | None = None) -> dict:
         "format_version": FORMAT_VERSION,
         "sora": model.sora_config.to_dict(),
         "modules": module_specs(model),
-        "trainable": trainable_names(model),
+        "trainable": extra_trainable_names(model),
         "base_model": base_identity(model),
         "task": model_task(model),
         "base_quantization": base_quantization(model),
@@ -154,15 +167,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 def check_compatible(meta: dict, model: nn.Module, where: str) -> None:
     """Fail with the first difference between the adapter's base and ``model``."""
     saved, current = meta["base_model"], base_identity(model)
-    for key in sorted(set(saved) | set(current)):
-        if key == "name_or_path":
-            continue
-        if saved.get(key) != current.get(key):
-            raise ValueError(
-                f"{where}: adapter does not fit this base model: base_model.{key} is {saved.get(key)!r} "
-                f"in the adapter (trained on {saved.get('name_or_path') or 'unknown'!r}) but "
-                f"{current.get(key)!r} in the model"
-            )
+    key = identity_mismatch(saved, current)
+    if key is not None:
+        raise ValueError(
+            f"{where}: adapter does not fit this base model: base_model.{key} is {saved.get(key)!r} "
+            f"in the adapter (trained on {saved.get('name_or_path') or 'unknown'!r}) but "
+            f"{current.get(key)!r} in the model"
+        )
     for name, spec in meta["modules"].items():
         try:
             module = model.get_submodule(name)

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .export import FoldedLoRA, extra_trainable, fold_adapter, write_folder_atomically
-from .io import IDENTITY_KEYS
+from .io import config_identity, identity_mismatch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -81,12 +81,12 @@ def check_base(base: Path, meta: dict, shards: dict[str, list[str]], adapter: st
             "full-precision base the quantized model was made from (and pass --quantize to requantize)"
         )
     saved = meta["base_model"]
-    for key in IDENTITY_KEYS:
-        if key in saved and saved[key] != config.get(key):
-            raise ValueError(
-                f"{adapter}: adapter does not fit {base}: base_model.{key} is {saved[key]!r} in the adapter "
-                f"but {config.get(key)!r} in {config_file}"
-            )
+    key = identity_mismatch(saved, config_identity(config))
+    if key is not None:
+        raise ValueError(
+            f"{adapter}: adapter does not fit {base}: base_model.{key} is {saved.get(key)!r} in the adapter "
+            f"but {config.get(key)!r} in {config_file}"
+        )
     shapes = {}
     for shard, keys in shards.items():
         with safe_open(str(base / shard), "pt") as f:
