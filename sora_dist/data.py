@@ -45,6 +45,16 @@ class Examples:
         return self.rows[index]
 
 
+def data_path(path: str, key: str) -> str:
+    """A data file's path; ``asset:NAME`` names a data set that installs offline (sora_dist.assets.DATASETS)."""
+    from . import assets
+
+    try:
+        return assets.resolve(path, assets.DATASETS, key)
+    except KeyError as err:
+        raise DataError(err.args[0]) from None
+
+
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a local data file through ``datasets`` (row numbers in errors are 1-based)."""
     path = Path(path)

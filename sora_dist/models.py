@@ -33,20 +33,14 @@ def bnb_config(quantization: str, quant_type: str = "nf4", double_quant: bool = 
     )
 
 
-ASSET_PREFIX = "asset:"
-
-
 def resolve_model_path(path: str) -> str:
-    """``asset:NAME`` names a model that installs offline from a package (sora_dist.assets)."""
-    if not path.startswith(ASSET_PREFIX):
-        return path
+    """``asset:NAME`` names a model that installs offline from a package (sora_dist.assets.MODELS)."""
     from . import assets
 
-    known = {assets.SMOLLM2: assets.smollm2_path, assets.MINILM: assets.minilm_path}
-    name = path[len(ASSET_PREFIX) :]
-    if name not in known:
-        raise ModelNotFound(f"model.path {path!r}: unknown asset; known: {', '.join(ASSET_PREFIX + k for k in known)}")
-    return str(known[name]())
+    try:
+        return assets.resolve(path, assets.MODELS, "model.path")
+    except KeyError as err:
+        raise ModelNotFound(err.args[0]) from None
 
 
 def load_model(
