@@ -1,67 +1,63 @@
-"""Budget mode: choose λ during training so that the live adapter lands on a target size.
+"""Budget mode: the live adapter follows a planned size down to a target, and lands on it.
 
 Users think in budgets ("about rank 2 per module", "50k adapter parameters by step 300"), not in
 λ. :class:`BudgetController` has the interface of :class:`~sora_dist.schedule.LambdaSchedule`
 that ``train.train`` uses (``apply``, ``step``, ``value``, ``state_dict``/``load_state_dict``) and
-can be passed as ``train(..., lambdas=controller)``.
+is passed as ``train(..., lambdas=controller)``.
 
-Design (see SORA.md, "Scale of λ"): with ``prox_adam`` and ``lr_scaled`` τ a gate moves by at most
-about η per step and needs Σ η·λ ≈ |g| of shrinkage before it dies, so pruning reacts to λ with a
-long, unknown delay. The controller therefore does not compute λ from a model of the dynamics; it
-follows a planned trajectory and corrects multiplicatively:
+How it chooses λ. A feedback law on λ cannot land on a target with ``prox_adam``: pruning lags λ
+by the Σ η·λ ≈ |g| a gate needs before it dies, and once λ is high enough to prune, the gates
+already on their way keep dying (SORA.md, "Scale of λ"). Instead the controller tells the
+optimizer, before each step, how many ranks the plan keeps after it (``prox_keep`` in the gate
+group). After the gradient step has produced the pre-threshold gates z, the optimizer uses the
+smallest τ whose soft-threshold leaves that many non-zero (the (keep+1)-th largest |z|), capped at
+the τ of ``lambda_max`` (:func:`sora_dist.optim.keep_threshold`). So:
 
-* the reference count falls from the count at step 0 (``N0``) to ``target`` by ``by_step``,
-  cubically by default (fast first, slow at the end: AdaLoRA's budget schedule) or linearly, and
-  holds ``target`` afterwards;
-* after each optimizer step the live count ``n`` is measured (every rank calls ``measure``, so a
-  ZeRO-3 gather inside it is collective-safe) and λ is updated:
+* the proximal step is still S_τ, with τ = η_t·λ_t and λ_t ≤ ``lambda_max`` chosen per step; the
+  logged λ is that λ_t;
+* the live count follows the plan exactly while the cap allows, and never falls below it: the
+  ranks that die are the smallest |z|, every survivor is shrunk by the same small τ;
+* a dead rank whose gradient step would revive it past a live one swaps places with it, and the
+  count stays on the target after ``by_step``;
+* where the cap binds (a gate lr too small to shrink the gates in time) the count lags the plan;
+  :func:`gate_lr_for_budget` gives a gate lr that can keep up, and the recipe uses it by default.
 
-  - ``n > reference``: behind plan, λ ← min(λ_max, max(λ, λ_max/100) · ``up``) (ramps from 1% to
-    100% of λ_max in about a dozen steps);
-  - ``target < n <= reference``: ahead of plan, λ ← λ · ``ease`` (slow down, keep going);
-  - ``n <= target``: reached, λ ← λ · ``down`` (stop pruning);
-  - once λ has reached ``hold · λ_max`` it never goes below it again.
+The plan falls from the count at step 0 to ``target`` by ``by_step``, cubically by default (fast
+first, slow at the end: AdaLoRA's budget schedule) or linearly, and holds ``target`` afterwards.
+In ``adapter_params`` units the plan is turned into ranks with the parameters per live rank of
+the moment, so it lands within about one rank's parameters of the target.
 
-λ is never set to 0 when the target is reached, and not even far below 1: with prox_adam the
-gradient of a dead gate (which depends on A and B, not on the gate) usually keeps its sign, so its
-bias-corrected Adam step tends to η and it revives as soon as τ = ηλ < η, i.e. λ < 1. Measured on
-a tiny Llama, a controller that halved λ at the target (or set 0) swung between 0.5x and 2x the
-target as whole groups of ranks died and revived; holding λ at >= 0.7 · λ_max (1.4 for λ_max = 2)
-keeps the dead ranks dead while the slow ``down``/``ease`` factors stop the shrinkage of the live
-ones. A rank that does revive pushes the count above the target and λ rises again.
+Under DeepSpeed ZeRO-1/2/3 the optimizer holds shards of the gate group; the threshold then needs
+every shard's |z|: one small all-gather per step (see :func:`sora_dist.optim.keep_threshold`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
-from .optim import gate_groups
+from torch import nn
+
+from .inject import sora_modules
+from .optim import effective_lambda, gate_groups
+from .quant import gathered
+from .sparsity import sparsity_report
 
 TRAJECTORIES = ("cubic", "linear")
+UNITS = ("live_ranks", "adapter_params")
 
 
 class BudgetController:
-    """λ controller that drives ``measure()`` (live ranks or adapter parameters) to ``target`` by ``by_step``.
+    """Drives the live size of ``model``'s SoRA adapter (``unit``: live ranks or non-zero adapter
+    parameters) to ``target`` by optimizer step ``by_step``, choosing λ ≤ ``lambda_max`` each step.
 
-    ``measure()`` returns the current live count in the unit of ``target`` (for example
-    ``sparsity_report(model).params``); it is called once before the first step and once per
-    optimizer step, on every rank.
+    ``model`` is the bare module (not a DDP/DeepSpeed wrapper around it); every rank measures it
+    after each step (under ZeRO-3 the gate gather inside is collective).
     """
 
-    def __init__(
-        self,
-        target: float,
-        by_step: int,
-        measure: Callable[[], float] | None,
-        lambda_max: float = 1.0,
-        trajectory: str = "cubic",
-        up: float = 1.25,
-        ease: float = 0.95,
-        down: float = 0.9,
-        hold: float = 0.7,
-    ):
+    def __init__(self, model: nn.Module, target: float, by_step: int, unit: str = "live_ranks", lambda_max: float = 2.0, trajectory: str = "cubic"):  # fmt: skip
         if target < 0:
             raise ValueError(f"budget target must be >= 0, got {target}")
         if by_step < 1:
@@ -70,16 +66,16 @@ class BudgetController:
             raise ValueError(f"budget lambda_max must be > 0, got {lambda_max}")
         if trajectory not in TRAJECTORIES:
             raise ValueError(f"budget trajectory must be one of {TRAJECTORIES}, got {trajectory!r}")
-        if not (up > 1 and 0 < ease <= 1 and 0 < down < 1 and 0 <= hold < 1):
-            raise ValueError(f"budget factors need up > 1, 0 < ease <= 1, 0 < down < 1, 0 <= hold < 1; got {up}, {ease}, {down}, {hold}")
-        self.target, self.by_step, self.measure = float(target), int(by_step), measure
+        if unit not in UNITS:
+            raise ValueError(f"budget unit must be one of {UNITS}, got {unit!r}")
+        self.model, self.target, self.by_step, self.unit = model, float(target), int(by_step), unit
         self.lambda_max, self.trajectory = float(lambda_max), trajectory
-        self.up, self.ease, self.down, self.hold = float(up), float(ease), float(down), float(hold)
         self.step_count = 0
         self.lam = 0.0
         self.start_count: float | None = None
         self.last_count: float | None = None
-        self.history: list[tuple[int, float, float]] = []  # (step, live count after it, λ for the next step)
+        self.params_per_rank: float | None = None
+        self.history: list[tuple[int, float, float]] = []  # (step, live count after it, λ it used)
 
     # -- the plan -----------------------------------------------------------------------------
     def reference(self, step: int) -> float:
@@ -91,58 +87,55 @@ class BudgetController:
         shape = left**3 if self.trajectory == "cubic" else left
         return self.target + (start - self.target) * shape
 
+    def keep(self, step: int) -> int:
+        """Ranks the plan keeps alive after ``step`` optimizer steps."""
+        planned = self.reference(step)
+        if self.unit == "adapter_params":
+            planned /= self.params_per_rank or 1.0
+        return max(0, math.floor(planned + 1e-6))
+
     # -- the LambdaSchedule interface -----------------------------------------------------------
     def value(self, step: int | None = None) -> float:
         return self.lam
 
     def apply(self, optimizer) -> float:
+        """Before a step: the cap λ_max and the number of ranks to keep after it."""
         if self.start_count is None:
-            self.start_count = float(self._measure())
-            self.last_count = self.start_count
+            self._measure()
+            self.start_count = self.last_count
+        keep = self.keep(self.step_count + 1)
         for group in gate_groups(optimizer):
-            group["prox_lambda"] = self.lam
+            group["prox_lambda"] = self.lambda_max
+            group["prox_keep"] = keep
         return self.lam
 
     def step(self, optimizer) -> float:
-        """One optimizer step happened: measure the live count and set the next λ."""
+        """After a step: record the λ it used and the live count it left."""
         self.step_count += 1
-        self.update(float(self._measure()))
+        self.lam = effective_lambda(gate_groups(optimizer)[0])
+        self._measure()
+        self.history.append((self.step_count, self.last_count, self.lam))
         return self.apply(optimizer)
 
-    def update(self, count: float) -> float:
-        """The control law (no measuring): the λ for the next step given the live count now."""
-        if self.start_count is None:
-            self.start_count = count
-        self.last_count = count
-        # Once λ has reached the hold level, it never falls below it: below it every dead gate
-        # whose gradient keeps one sign revives (its Adam step tends to η, see the module doc).
-        floor = self.lambda_max * self.hold if self.lam >= self.lambda_max * self.hold else 0.0
-        if count <= self.target:
-            self.lam = max(self.lam * self.down, floor)
-        elif count > self.reference(self.step_count):
-            self.lam = min(self.lambda_max, max(self.lam, self.lambda_max / 100) * self.up)
-        else:
-            self.lam = max(self.lam * self.ease, floor)
-        self.history.append((self.step_count, count, self.lam))
-        return self.lam
-
-    def _measure(self) -> float:
-        if self.measure is None:
-            raise RuntimeError("BudgetController needs measure=: a callable returning the live count")
-        return self.measure()
+    def _measure(self) -> None:
+        report = sparsity_report(self.model)
+        self.last_count = float(report.params if self.unit == "adapter_params" else report.live_rank)
+        if report.live_rank:
+            self.params_per_rank = report.params / report.live_rank
 
     def state_dict(self) -> dict:
         return {
             "budget": True,
             "target": self.target,
             "by_step": self.by_step,
+            "unit": self.unit,
             "lambda_max": self.lambda_max,
             "trajectory": self.trajectory,
-            "factors": [self.up, self.ease, self.down, self.hold],
             "step_count": self.step_count,
             "lambda": self.lam,
             "start_count": self.start_count,
             "last_count": self.last_count,
+            "params_per_rank": self.params_per_rank,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -151,12 +144,39 @@ class BudgetController:
                 "this checkpoint was written by a run with a fixed lambda schedule, not by budget mode: "
                 "resume it without sparsity_budget, or start a fresh output_dir"
             )
-        measure = self.measure
-        self.__init__(state["target"], state["by_step"], measure, state["lambda_max"], state["trajectory"], *state["factors"])
+        self.__init__(self.model, state["target"], state["by_step"], state["unit"], state["lambda_max"], state["trajectory"])
         self.step_count = int(state["step_count"])
         self.lam = float(state["lambda"])
-        self.start_count = state["start_count"]
-        self.last_count = state["last_count"]
+        self.start_count, self.last_count = state["start_count"], state["last_count"]
+        self.params_per_rank = state["params_per_rank"]
+
+    def summary(self) -> dict:
+        return {"target": self.target, "unit": self.unit, "by_step": self.by_step, "reached": self.last_count}
+
+
+def gate_lr_for_budget(model: nn.Module, lr_factors: Sequence[float], by_step: int, lambda_max: float, margin: float = 2.0) -> float:
+    """A peak gate learning rate with which budget mode (prox_adam, lr_scaled τ) can reach its target.
+
+    An Adam step moves a gate by up to about η against the threshold, so at λ ≤ λ_max the net
+    shrinkage of a gate whose gradient keeps pushing it outwards is at most (λ_max − 1)·η per step;
+    a gate of magnitude |g| cannot be pruned before Σ_{t < by_step} η_t (λ_max − 1) ≥ |g| (SORA.md,
+    "Scale of λ"). A short run's adapter learning rate is usually far too small for that. This
+    returns the gate lr for which that sum is ``margin`` times the mean |g| of the model's gates
+    now; ``lr_factors[t]`` is the learning-rate multiplier of step t (warm-up and decay).
+    """
+    if lambda_max <= 1:
+        raise ValueError(f"budget mode with prox_adam needs lambda_max > 1 (an Adam step moves a gate by about the lr, only τ > lr shrinks it); got {lambda_max}")  # fmt: skip
+    total = sum(lr_factors[:by_step])
+    if total <= 0:
+        raise ValueError(f"the learning-rate schedule is 0 over the first {by_step} steps: no gate can shrink")
+    magnitude = count = 0.0
+    for _, module in sora_modules(model):
+        with gathered([module.gate]):
+            magnitude += float(module.gate.detach().abs().sum())
+            count += module.gate.numel()
+    if not count:
+        raise ValueError("the model has no SoRA modules; call inject_sora first")
+    return margin * (magnitude / count) / ((lambda_max - 1) * total)
 
 
 def plot_budget(metrics_path: str | Path, out_path: str | Path, controller: BudgetController | None = None, unit: str = "adapter_params") -> Path | None:

@@ -90,12 +90,12 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class SparsityBudget:
-    """Budget mode (budget.py): λ is chosen during training so the live adapter reaches a target size."""
+    """Budget mode (budget.py): λ is chosen at every step so the live adapter follows a planned size to a target."""
 
     target_rank: float | None = None
     target_params: int | None = None
     by_step: int = 0
-    lambda_max: float = 1.0
+    lambda_max: float = 2.0
     trajectory: str = "cubic"
 
     def __post_init__(self):
@@ -108,7 +108,7 @@ class SparsityBudget:
         if self.by_step < 1:
             raise ValueError(f"by_step: required: the optimizer step by which to reach the target (>= 1), got {self.by_step}")
         if not 0 < self.lambda_max <= 10:
-            raise ValueError(f"lambda_max: must be in (0, 10] (prox_adam + lr_scaled: about 1-2), got {self.lambda_max}")
+            raise ValueError(f"lambda_max: must be in (0, 10] (prox_adam + lr_scaled: 1.5-3), got {self.lambda_max}")
         _choice("trajectory", self.trajectory, ("cubic", "linear"))
 
 
@@ -148,7 +148,8 @@ HELP: dict[str, str] = {
     "sora.modules_to_save": "modules trained in full, e.g. [score] for a classifier head (default for classification: the head)",
     "sora.adapter_dtype": "dtype of the adapter parameters (float32 recommended)",
     "data.format": "instruction | chat | text | classification",
-    "data.train_file": "local .jsonl, .json, .csv or .parquet",
+    "data.train_file": "local .jsonl, .json, .csv or .parquet, or asset:rotten_tomatoes | asset:vitaminc | asset:movie_dialog "
+    "(real data that install offline, in the classification shape)",
     "data.validation_file": "optional validation file of the same format",
     "data.validation_fraction": "hold out this fraction of train_file for validation instead (seeded by train.seed)",
     "data.max_length": "truncate examples to this many tokens",
@@ -160,7 +161,7 @@ HELP: dict[str, str] = {
     "train.micro_batch_size": "examples per micro-batch per process",
     "train.grad_accum": "micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x processes",
     "train.lr": "peak learning rate of A, B (and modules_to_save)",
-    "train.gate_lr": "peak learning rate of the gates (default: train.lr)",
+    "train.gate_lr": "peak learning rate of the gates (default: train.lr; in budget mode one chosen from the budget, see sparsity_budget.lambda_max)",
     "train.weight_decay": "AdamW weight decay of A and B (never the gates)",
     "train.warmup_steps": "linear warm-up steps of both learning rates",
     "train.lr_decay": "constant | linear | cosine decay after warm-up",
@@ -192,10 +193,11 @@ HELP: dict[str, str] = {
     "sets lambda during training (train.lambda_* are then unused); give this or target_params",
     "sparsity_budget.target_params": "budget as the number of non-zero adapter parameters (sum of live rank x (d_in + d_out))",
     "sparsity_budget.by_step": "optimizer step by which the live count should reach the target (<= train.steps); held afterwards",
-    "sparsity_budget.lambda_max": "largest lambda the controller may use (prox_adam + lr_scaled: about 1-2)",
+    "sparsity_budget.lambda_max": "largest lambda of any step, i.e. the fastest shrinkage (prox_adam + lr_scaled: > 1, 1.5-3); "
+    "without train.gate_lr, the gate lr is chosen so that this lambda can prune in time",
     "sparsity_budget.trajectory": "planned decrease from the start count to the target: cubic (fast first, AdaLoRA-style) | linear",
     "sparsity_schedule.compact": "remove the dead ranks (gates exactly 0) physically between stages, so later stages "
-    "train a smaller adapter (a removed rank cannot revive); stages.csv gets adapter_params and step_time_s. Not with ZeRO-3",
+    "train a smaller adapter (a removed rank cannot revive); stages.csv gets adapter_params and step_time_s",
 }
 
 
@@ -336,6 +338,11 @@ def check_budget(config: RunConfig) -> None:
         raise ConfigError(f"sparsity_budget.by_step: must be <= train.steps={config.train.steps}, got {budget.by_step}")
     if budget.target_rank is not None and budget.target_rank > config.sora.r:
         raise ConfigError(f"sparsity_budget.target_rank: must be <= sora.r={config.sora.r}, got {budget.target_rank}")
+    if config.train.gate_update == "prox_adam" and config.train.threshold == "lr_scaled" and budget.lambda_max <= 1:
+        raise ConfigError(
+            f"sparsity_budget.lambda_max: must be > 1 with prox_adam and the lr_scaled threshold, got {budget.lambda_max}: "
+            "an Adam step moves a gate by about the learning rate, so only lambda > 1 can shrink every gate"
+        )
 
 
 def check_stages(config: RunConfig) -> None:

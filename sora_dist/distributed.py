@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .optim import SoRAOptimizer
+from .optim import SoRAOptimizer, gate_groups
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
@@ -158,6 +158,9 @@ def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, micro_batch
     """
     if not isinstance(optimizer, SoRAOptimizer):
         raise TypeError(f"prepare() needs a SoRAOptimizer (the gates are updated inside its step()), got {type(optimizer).__name__}")
+    for group in gate_groups(optimizer):
+        # Under ZeRO-1/2/3 each rank steps a shard of the gate group; budget mode needs to know.
+        group["gate_sharded"] = bool(zero_stage(accelerator))
     if uses_deepspeed(accelerator):
         fill_deepspeed_config(accelerator, micro_batch_size, max_grad_norm)
         if zero_stage(accelerator) == 0 and engine_dtype(accelerator) == torch.bfloat16 and accelerator.is_main_process:

@@ -26,9 +26,15 @@ def prox_threshold(lr: float, prox_lambda: float, threshold: str) -> float:
     return lr * prox_lambda if threshold == "lr_scaled" else prox_lambda
 
 
-def soft_threshold_(gate: torch.Tensor, tau: float) -> torch.Tensor:
+def soft_threshold_(gate: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """In place S_τ(z) = sign(z) · max(|z| − τ, 0)."""
-    return gate.copy_(F.softshrink(gate, tau)) if tau > 0 else gate
+    return gate.copy_(_shrink(gate, tau)) if torch.is_tensor(tau) or tau > 0 else gate
+
+
+def _shrink(z: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    if torch.is_tensor(tau):  # softshrink takes only a Python float
+        return z.sign() * (z.abs() - tau.to(z.dtype)).clamp_min(0)
+    return F.softshrink(z, tau)
 
 
 class SoRAOptimizer(torch.optim.Optimizer):
@@ -129,20 +135,65 @@ class SoRAOptimizer(torch.optim.Optimizer):
             self._adam_update_(gates, grads, group)
         else:
             torch._foreach_add_(gates, grads, alpha=-group["lr"])
+        if group.get("prox_keep") is not None:
+            # Budget mode: the smallest τ (at most the one above) that leaves prox_keep gates alive.
+            tau = torch.clamp(keep_threshold(gates, group["prox_keep"], group.get("gate_sharded", False)), max=tau)
+            group["prox_tau"] = tau
         soft_threshold_all_(gates, tau)
 
 
-def soft_threshold_all_(gates: list[torch.Tensor], tau: float) -> None:
+def effective_lambda(group: dict) -> float:
+    """The λ a gate group's last step used: in budget mode τ/η (τ for the fixed threshold), else prox_lambda."""
+    tau = group.get("prox_tau")
+    if tau is None:
+        return float(group["prox_lambda"])
+    if group["threshold"] == "fixed":
+        return float(tau)
+    return float(tau) / group["lr"] if group["lr"] > 0 else 0.0
+
+
+def keep_threshold(gates: list[torch.Tensor], keep: int, sharded: bool = False) -> torch.Tensor:
+    """The smallest τ for which S_τ leaves at most ``keep`` of the ``gates`` non-zero (ties all die).
+
+    That is the (keep+1)-th largest |z| over every gate element, 0 when at most ``keep`` are
+    non-zero. With ``sharded`` (DeepSpeed ZeRO-1/2/3, where each rank steps a shard of the gate
+    group) the |z| of every rank's shard are gathered first: two small collectives, the only ones
+    the gate update ever issues, and only in budget mode. A 0-d tensor, so no host sync.
+    """
+    values = torch.cat([g.detach().reshape(-1).abs() for g in gates])
+    if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        values = _gather_shards(values)
+    if keep >= values.numel():
+        return values.new_zeros(())
+    return torch.kthvalue(values.float(), values.numel() - keep).values
+
+
+def _gather_shards(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values`` concatenated (shards may differ in length: padded with zeros, which
+    count as dead gates)."""
+    import torch.distributed as dist
+
+    size = torch.tensor([values.numel()], device=values.device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    padded = torch.zeros(int(size), dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    pieces = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, padded)
+    return torch.cat(pieces)
+
+
+def soft_threshold_all_(gates: list[torch.Tensor], tau: float | torch.Tensor) -> None:
     """:func:`soft_threshold_` on every tensor of ``gates``; one elementwise kernel when they share a
-    device and dtype (the gates are concatenated, thresholded and copied back), not one per gate."""
-    if tau <= 0 or not gates:
+    device and dtype (the gates are concatenated, thresholded and copied back), not one per gate.
+    ``tau`` may be a 0-d tensor (budget mode), so that no host sync is needed."""
+    if not gates or (not torch.is_tensor(tau) and tau <= 0):
         return
     first = gates[0]
     if len(gates) == 1 or any(g.device != first.device or g.dtype != first.dtype for g in gates):
         for gate in gates:
             soft_threshold_(gate, tau)
         return
-    shrunk = F.softshrink(torch.cat([g.reshape(-1) for g in gates]), tau)
+    shrunk = _shrink(torch.cat([g.reshape(-1) for g in gates]), tau)
     pieces = [piece.view_as(g) for piece, g in zip(shrunk.split([g.numel() for g in gates]), gates)]
     torch._foreach_copy_(gates, pieces)
 

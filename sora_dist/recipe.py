@@ -15,15 +15,15 @@ import torch
 import yaml
 
 from . import distributed
-from .budget import BudgetController, budget_target, plot_budget
+from .budget import BudgetController, budget_target, gate_lr_for_budget, plot_budget
 from .config import RunConfig
-from .data import Examples, pad_collate, split_holdout, tokenize_file
+from .data import Examples, data_path, pad_collate, split_holdout, tokenize_file
 from .evaluate import make_evaluator
 from .inject import inject_sora
 from .models import load_model, load_tokenizer
 from .sparsity import sparsity_report
 from .stages import run_stages
-from .train import train
+from .train import lr_factor, train
 
 CLASSIFIER_HEADS = ("score", "classifier")
 
@@ -31,10 +31,12 @@ CLASSIFIER_HEADS = ("score", "classifier")
 def load_data(cfg: RunConfig, tokenizer) -> tuple[Examples, Examples | None]:
     """Tokenized train and validation sets (from a file or a seeded held-out fraction)."""
     data = cfg.data
-    train_set = tokenize_file(data.train_file, tokenizer, data.format, data.max_length, data.on_error)
+    train_file = data_path(data.train_file, "data.train_file")
+    train_set = tokenize_file(train_file, tokenizer, data.format, data.max_length, data.on_error)
     val_set = None
     if data.validation_file:
-        val_set = tokenize_file(data.validation_file, tokenizer, data.format, data.max_length, data.on_error, train_set.label_names)
+        validation_file = data_path(data.validation_file, "data.validation_file")
+        val_set = tokenize_file(validation_file, tokenizer, data.format, data.max_length, data.on_error, train_set.label_names)
     elif data.validation_fraction:
         train_set, val_set = split_holdout(train_set, data.validation_fraction, cfg.train.seed)
     if val_set is not None and data.eval_max_examples:
@@ -63,18 +65,20 @@ def sora_config_for(cfg: RunConfig, model):
 
 
 def budget_controller(cfg: RunConfig, model) -> BudgetController:
-    """The λ controller of budget mode; it measures the live count of ``model`` (the unwrapped module,
-    which every rank measures after each optimizer step: the ZeRO-3 gate gather is a collective)."""
+    """The λ controller of budget mode, on the bare ``model`` (every rank measures it after each step)."""
     budget = cfg.sparsity_budget
     target, unit = budget_target(sparsity_report(model), budget.target_rank, budget.target_params)
+    return BudgetController(model, target, budget.by_step, unit, budget.lambda_max, budget.trajectory)
 
-    def measure() -> float:
-        report = sparsity_report(model)
-        return report.params if unit == "adapter_params" else report.live_rank
 
-    controller = BudgetController(target, budget.by_step, measure, budget.lambda_max, budget.trajectory)
-    controller.unit = unit
-    return controller
+def budget_gate_lr(cfg: RunConfig, model, main: bool) -> None:
+    """Budget mode without train.gate_lr: pick one that lets the gates shrink in time (budget.py)."""
+    if cfg.train.gate_lr is not None or (cfg.train.gate_update, cfg.train.threshold) != ("prox_adam", "lr_scaled"):
+        return
+    factors = [lr_factor(step, cfg.train) for step in range(cfg.train.steps)]
+    cfg.train.gate_lr = gate_lr_for_budget(model, factors, cfg.sparsity_budget.by_step, cfg.sparsity_budget.lambda_max)
+    if main:
+        print(f"budget mode: gate learning rate {cfg.train.gate_lr:.3g} (set train.gate_lr to choose it yourself)", flush=True)
 
 
 def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> None:
@@ -116,7 +120,10 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
             evaluate = make_evaluator(cfg.model.task, val_set.rows, collate, cfg.data.eval_batch_size, accelerator,
                                       tokenizer, labels or 2, cfg.data.eval_generate_tokens)
         stages = None
-        controller = budget_controller(cfg, model) if cfg.sparsity_budget is not None else None
+        controller = None
+        if cfg.sparsity_budget is not None:
+            budget_gate_lr(cfg, model, main)
+            controller = budget_controller(cfg, model)
         if cfg.sparsity_schedule is None:
             model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate, lambdas=controller)
             if controller is not None and main:
@@ -132,7 +139,7 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         if stages is not None:
             summary["stages"] = stages
         if controller is not None:
-            summary["budget"] = {"target": controller.target, "unit": controller.unit, "by_step": controller.by_step, "reached": controller.last_count}
+            summary["budget"] = controller.summary()
         if main:
             print(report.table(), flush=True)
             (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

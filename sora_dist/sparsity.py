@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from .inject import sora_modules
@@ -87,10 +88,11 @@ def sparsity_report(model: nn.Module, r_max: int | None = None) -> SparsityRepor
     """
     config = getattr(model, "sora_config", None)
     r_max = r_max if r_max is not None else (config.r if config is not None else None)
-    modules = []
+    found, counts = [], []
     for name, module in sora_modules(model):
         with gathered([module.gate]):
-            live = int((module.gate.detach() != 0).sum())
-            rank = module.rank
-        modules.append(ModuleSparsity(name, module.in_features, module.out_features, r_max or rank, live))
-    return SparsityReport(modules)
+            counts.append((module.gate.detach() != 0).sum())
+            found.append((name, module, module.rank))
+    lives = torch.stack([c.to(counts[0].device) for c in counts]).tolist() if counts else []  # one host sync
+    return SparsityReport([ModuleSparsity(name, m.in_features, m.out_features, r_max or rank, int(live))
+                           for (name, m, rank), live in zip(found, lives)])  # fmt: skip

@@ -32,7 +32,7 @@ from . import distributed
 from .inject import SoRAConfig, inject_sora
 from .models import load_model
 from .io import CONFIG_NAME, _replace_dir, adapter_metadata, save_sora
-from .optim import SoRAOptimizer, gate_groups, sora_param_groups
+from .optim import SoRAOptimizer, effective_lambda, gate_groups, sora_param_groups
 from .schedule import LambdaSchedule
 from .sparsity import sparsity_report
 
@@ -338,7 +338,7 @@ def train_metrics(accelerator, model, optimizer, loss: torch.Tensor) -> dict:
         "loss": mean_loss,
         "lr": adapter["lr"],
         "gate_lr": gate["lr"],
-        "lambda": gate["prox_lambda"],
+        "lambda": effective_lambda(gate),
         "live_ranks": report.live_rank,
         "adapter_params": report.params,
     }
