@@ -16,7 +16,9 @@ permanent. Ranks that never revive are what the sparsifying schedule aims at.
 Only a plain (single process or DDP, not DeepSpeed) SoRAOptimizer can be carried over: DeepSpeed's
 optimizer holds flat shards. The staged run (``sparsity_schedule.compact``) compacts only between
 stages, where every stage builds a fresh optimizer (and a fresh DeepSpeed engine) anyway, so it
-needs :func:`compact_model` alone.
+needs :func:`compact_model` alone. Under ZeRO-3 (adapter tensors partitioned) every rank calls
+:func:`compact_model` after the old engine is gone: each module's A, B and gate are gathered, the
+live slices become ordinary tensors, and the next engine partitions them again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 from .inject import replace_module, sora_modules
 from .optim import SoRAOptimizer
 from .prune import live_ranks, prune_module
+from .quant import gathered
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "gate")
 
@@ -44,10 +47,6 @@ def physical_adapter_params(model: nn.Module) -> int:
     return total
 
 
-def _is_partitioned(model: nn.Module) -> bool:
-    return any(hasattr(getattr(m, name), "ds_id") for _, m in sora_modules(model) for name in ADAPTER_TENSORS)
-
-
 @torch.no_grad()
 def compact_model(model: nn.Module) -> tuple[dict[str, int], dict[int, tuple[nn.Parameter | None, torch.Tensor | None, int]]]:
     """Remove every dead rank of every SoRA module in place (same result as :func:`prune_sora`).
@@ -56,16 +55,15 @@ def compact_model(model: nn.Module) -> tuple[dict[str, int], dict[int, tuple[nn.
     ``id(old parameter) -> (new parameter or None when dropped, kept indices or None when
     unchanged, dimension the indices select)``) — the map is what carries an optimizer over.
     """
-    if _is_partitioned(model):
-        raise RuntimeError("rank compaction needs whole adapter tensors: it is not supported on ZeRO-3 partitioned parameters")
     removed: dict[str, int] = {}
     mapping: dict[int, tuple[nn.Parameter | None, torch.Tensor | None, int]] = {}
     for name, module in list(sora_modules(model)):
-        keep, rank = live_ranks(module), module.rank
-        if keep.numel() == rank:
-            continue
         old = {t: getattr(module, t) for t in ADAPTER_TENSORS}
-        pruned = prune_module(module)
+        with gathered(list(old.values())):  # ZeRO-3: every rank gathers, slices and keeps plain tensors
+            keep, rank = live_ranks(module), module.rank
+            if keep.numel() == rank:
+                continue
+            pruned = prune_module(module)
         removed[name] = rank - keep.numel()
         if pruned is not module:
             replace_module(model, name, pruned)

