@@ -121,7 +121,8 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():  # CPU only: keeps deepspeed (imported by transformers) from probing
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-VARIANTS = ("floor", "lora", "sora")
+VARIANTS = ("floor", "lora", "sora", "compact")
+DEFAULT_VARIANTS = ("floor", "lora", "sora")
 SETTINGS = ("fp32", "nf4")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MEMORY_TAG = "STEP_TIME_MEMORY_JSON "
@@ -175,7 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto", help="clock of the pass/fail lines")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of floor,lora,sora")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--live-fraction", type=float, default=0.5, help="compact: fraction of the ranks left after compaction")
     p.add_argument("--memory", choices=("both", "tensors", "rss", "none"), default="both", help="peak-memory methods (CPU)")
     p.add_argument("--no-memory", action="store_true", help="same as --memory none")
     p.add_argument("--mem-steps", type=int, default=2, help="training steps in each memory subprocess (default 2)")
@@ -210,6 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if not 0 <= args.live_fraction <= 1:
+        p.error("--live-fraction must be in [0, 1]")
     return args
 
 
@@ -299,6 +303,12 @@ def build_variant(variant: str, model, args):
         model = inject_sora(model, config, verbose=False)
         groups = sora_param_groups(model, lr=args.lr, weight_decay=args.weight_decay, lambda_=args.prox_lambda)
         optimizer = SoRAOptimizer(groups, lr=args.lr)
+    elif variant == "compact":
+        from sora_dist import SoRAConfig, SoRAOptimizer, inject_sora, sora_param_groups
+
+        model = inject_sora(model, SoRAConfig(r=args.r, alpha=args.alpha, dropout=0.0, target_modules=list(TARGETS)), verbose=False)
+        kill_and_compact(model, args.live_fraction)
+        optimizer = SoRAOptimizer(sora_param_groups(model, lr=args.lr, weight_decay=args.weight_decay, lambda_=args.prox_lambda), lr=args.lr)
     elif variant == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -314,6 +324,22 @@ def build_variant(variant: str, model, args):
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, optimizer, trainable
+
+
+def kill_and_compact(model, live_fraction: float, seed: int = 0) -> None:
+    """Zero the gates of a seeded random (1 - live_fraction) of all (module, rank) pairs, then remove
+    those ranks physically (``sora_dist.compact.compact_model``), as a compacting run would."""
+    from sora_dist.compact import compact_model
+    from sora_dist.inject import sora_modules
+
+    modules = [m for _, m in sora_modules(model)]
+    pairs = [(m, i) for m in modules for i in range(m.rank)]
+    dead = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[: round((1 - live_fraction) * len(pairs))]
+    with torch.no_grad():
+        for k in dead.tolist():
+            module, rank = pairs[k]
+            module.gate[rank] = 0.0
+    compact_model(model)
 
 
 def train_step(model, optimizer, input_ids: torch.Tensor) -> None:
@@ -498,7 +524,7 @@ def summarize(setting: str, timing: dict, memory: dict) -> dict:
     """Medians and ratios. ``memory``: {method: {variant: measurement}}."""
     med = {clock: {v: statistics.median(t[clock]) for v, t in timing.items()} for clock in ("wall", "cpu")}
     ratios = {}
-    for num, den in (("sora", "lora"), ("sora", "floor"), ("lora", "floor")):
+    for num, den in (("sora", "lora"), ("sora", "floor"), ("lora", "floor"), ("compact", "sora")):
         if num not in timing or den not in timing:
             continue
         r = {}
@@ -556,7 +582,8 @@ def format_table(summary: dict, args, device: torch.device) -> str:
         )  # fmt: skip
     r = summary["ratios"]
     mem_key = next((f"{m}_peak_delta" for m in ("cuda", "tensors", "rss") if m in memory), None)
-    for key, label in (("sora/lora", "SoRA/LoRA "), ("sora/floor", "SoRA/floor"), ("lora/floor", "LoRA/floor")):
+    for key, label in (("sora/lora", "SoRA/LoRA "), ("sora/floor", "SoRA/floor"), ("lora/floor", "LoRA/floor"),
+                       ("compact/sora", f"compacted ({args.live_fraction:g} of the ranks)/SoRA")):  # fmt: skip
         if key not in r:
             continue
         x = r[key]
