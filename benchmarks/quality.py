@@ -16,10 +16,11 @@ Each task gets fixed test / validation / train subsets drawn from one permutatio
 encoder (all-MiniLM-L6-v2 in ``--quick``, all-mpnet-base-v2 in ``--full``) gets a classifier
 head trained in full and, on every Linear layer of its encoder, one of
 
-``sora``          ours: ``inject_sora`` (r_max, gate init ``ones``) + ``SoRAOptimizer`` with budget
-                  mode (``BudgetController``) aiming at the average rank ``--target-rank`` by the
-                  step at which AdaLoRA stops pruning;
-``sora_normal``   the same with gates drawn from N(0, 1), the released code's init;
+``sora``          ours: ``inject_sora`` (r_max, gates drawn from N(0, 1), the default) +
+                  ``SoRAOptimizer`` with budget mode (``BudgetController``) aiming at the average
+                  rank ``target_rank`` by the step at which AdaLoRA stops pruning, and the gate
+                  learning rate budget mode picks (``gate_lr_for_budget``);
+``sora_ones``     the same with every gate starting at 1 (the adapter starts as LoRA's);
 ``lora``          PEFT ``LoraConfig(r=r_max)`` + ``torch.optim.AdamW``;
 ``adalora``       PEFT ``AdaLoraConfig(init_r=r_max, target_r=--target-rank)`` + AdamW, with
                   ``update_and_allocate`` after every step.
@@ -34,7 +35,7 @@ slow spell of a shared machine hits every method alike.
 
     python benchmarks/quality.py --quick                 # 3 tasks x 3 methods x 3 seeds, MiniLM
     python benchmarks/quality.py --full                  # all-mpnet-base-v2, larger subsets
-    python benchmarks/quality.py --quick --methods sora,sora_normal,lora --tasks rotten_tomatoes
+    python benchmarks/quality.py --quick --methods sora,sora_ones,lora --tasks rotten_tomatoes
     python benchmarks/quality.py --quick --tasks rotten_tomatoes --set train=4000 --set epochs=2
 
 Results go to ``runs/quality/<mode>/results.jsonl`` (``<mode>-<settings hash>`` with ``--set``) (one line per run; a rerun skips the runs
@@ -65,7 +66,7 @@ from sora_dist.inject import select_targets
 from sora_dist.metrics import classification_metrics
 from sora_dist.train import TrainConfig, lr_factor
 
-METHODS = ("sora", "sora_normal", "lora", "adalora")
+METHODS = ("sora", "sora_ones", "lora", "adalora")
 DEFAULT_METHODS = ("sora", "lora", "adalora")
 ENCODER_LAYERS = r".*encoder\.layer\.\d+\..*"  # every Linear inside the transformer blocks
 
@@ -278,8 +279,8 @@ class AdaLoRA(PeftMethod):
 
 
 BUILDERS: dict[str, Callable[[nn.Module, Settings], Method]] = {
-    "sora": lambda model, s: SoRA(model, s, "ones"),
-    "sora_normal": lambda model, s: SoRA(model, s, "normal"),
+    "sora": lambda model, s: SoRA(model, s, "normal"),
+    "sora_ones": lambda model, s: SoRA(model, s, "ones"),
     "lora": LoRA,
     "adalora": AdaLoRA,
 }

@@ -65,13 +65,9 @@ def compact_model(model: nn.Module) -> tuple[dict[str, int], dict[int, tuple[nn.
                 continue
             pruned = prune_module(module)
         removed[name] = rank - keep.numel()
-        if pruned is not module:
-            replace_module(model, name, pruned)
-            for tensor in old.values():
-                mapping[id(tensor)] = (None, None, 0)
-            continue
+        replace_module(model, name, pruned)
         for t, tensor in old.items():
-            mapping[id(tensor)] = (getattr(module, t), keep, 1 if t == "lora_B" else 0)
+            mapping[id(tensor)] = (None, None, 0) if pruned is module.base else (getattr(pruned, t), keep, 1 if t == "lora_B" else 0)
     return removed, mapping
 
 

@@ -17,17 +17,23 @@ def live_ranks(module: SoRALinear) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_module(module: SoRALinear) -> nn.Module:
-    """Shrink A, B and the gate to the live ranks; the bare base when no rank is live."""
+    """The module with only its live ranks: itself when every rank is live, the bare base when
+    none is, else a new SoRALinear around the same base holding A[K], B[:, K], g[K] and the same
+    scale. A new module rather than new tensors in the old one: nothing a backend attached to the
+    old module (DeepSpeed ZeRO-3 keeps per-module state between engines) carries over."""
     keep = live_ranks(module)
     if keep.numel() == 0:
         return module.base
-    if keep.numel() < module.rank:
-        for name in ("lora_A", "gate"):
-            old = getattr(module, name)
-            setattr(module, name, nn.Parameter(old.data[keep].clone(), requires_grad=old.requires_grad))
-        old = module.lora_B
-        module.lora_B = nn.Parameter(old.data[:, keep].clone(), requires_grad=old.requires_grad)
-    return module
+    if keep.numel() == module.rank:
+        return module
+    dropout = module.dropout.p if isinstance(module.dropout, nn.Dropout) else 0.0
+    pruned = SoRALinear(module.base, keep.numel(), alpha=0.0, dropout=dropout, adapter_dtype=module.lora_A.dtype, scale=module.scale)
+    pruned.train(module.training)
+    for name, dim in (("lora_A", 0), ("lora_B", 1), ("gate", 0)):
+        old, new = getattr(module, name), getattr(pruned, name)
+        new.copy_(old.index_select(dim, keep.to(old.device)))
+        new.requires_grad_(old.requires_grad)
+    return pruned
 
 
 def prune_sora(model: nn.Module) -> nn.Module:

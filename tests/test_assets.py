@@ -1,0 +1,130 @@
+"""Offline data assets: the BIG-bench conversion (from a hand-made sdist), asset names, the quality
+benchmark's subsets and batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from helpers import REPO
+from sora_dist import assets
+from sora_dist.data import DataError, data_path
+
+VITAMINC_EXAMPLE = {
+    "input": "Westlife: Westlife has sold 23 million records .\nClaim: Westlife sold under 20 million records .",
+    "target_scores": {"True": 0, "False": 1, "Neither": 0},
+}
+DIALOG_EXAMPLE = {
+    "input": 'Hi. Who are you? I am Bob. ----- In the preceding conversation, were the sentences "Hi." and "Who are you?" ',
+    "target_scores": {"same": 1, "different": 0},
+}
+
+
+def test_bigbench_examples_become_classification_rows():
+    assert assets.vitaminc_row(VITAMINC_EXAMPLE) == {
+        "text": "Westlife: Westlife has sold 23 million records .",
+        "text_pair": "Westlife sold under 20 million records .",
+        "label": "False",
+    }
+    assert assets.movie_dialog_row(DIALOG_EXAMPLE) == {"text": '"Hi." / "Who are you?"', "text_pair": "Hi. Who are you? I am Bob.", "label": "same"}
+
+
+@pytest.mark.parametrize(
+    "convert, example, message",
+    [
+        (assets.vitaminc_row, {"input": "no claim here", "target_scores": {"True": 1}}, "no '\\\\nClaim: '"),
+        (assets.movie_dialog_row, {"input": "Hi. ----- what?", "target_scores": {"same": 1}}, "not a same-or-different question"),
+        (assets.vitaminc_row, {**VITAMINC_EXAMPLE, "target_scores": {"True": 1, "False": 1}}, "must name one answer"),
+    ],
+)
+def test_malformed_examples_are_named(convert, example, message):
+    with pytest.raises(ValueError, match=message):
+        convert(example)
+
+
+def _sdist(path, tasks: dict[str, list[dict]]):
+    with tarfile.open(path, "w:gz") as archive:
+        for task, examples in tasks.items():
+            data = json.dumps({"name": task, "examples": examples}).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_every_task_is_converted_in_one_pass_from_the_sdist(tmp_path, monkeypatch):
+    sdist = _sdist(tmp_path / "bigbench.tar.gz", {assets.VITAMINC: [VITAMINC_EXAMPLE] * 2, assets.MOVIE_DIALOG: [DIALOG_EXAMPLE]})
+    monkeypatch.setenv("SORA_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(assets.BIGBENCH_SDIST_ENV, str(sdist))
+    vitaminc = assets.bigbench_task_path(assets.VITAMINC)
+    rows = [json.loads(line) for line in vitaminc.read_text().splitlines()]
+    assert rows == [assets.vitaminc_row(VITAMINC_EXAMPLE)] * 2
+    dialog = tmp_path / "cache" / "bigbench" / f"{assets.MOVIE_DIALOG}.jsonl"
+    assert dialog.is_file()  # written by the same pass
+    sdist.unlink()  # cached now: no sdist needed any more
+    assert data_path("asset:movie_dialog", "data.train_file") == str(dialog)
+
+
+def test_an_sdist_without_the_tasks_is_refused(tmp_path, monkeypatch):
+    sdist = _sdist(tmp_path / "other.tar.gz", {assets.VITAMINC: [VITAMINC_EXAMPLE]})
+    monkeypatch.setenv("SORA_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(assets.BIGBENCH_SDIST_ENV, str(sdist))
+    with pytest.raises(RuntimeError, match=f"no task.json for \\['{assets.MOVIE_DIALOG}'\\]"):
+        assets.bigbench_task_path(assets.VITAMINC)
+
+
+def test_unknown_asset_names_list_the_known_ones(tmp_path):
+    with pytest.raises(DataError, match="data.train_file 'asset:imdb': unknown asset; known: asset:rotten_tomatoes"):
+        data_path("asset:imdb", "data.train_file")
+    assert data_path(str(tmp_path / "x.jsonl"), "data.train_file") == str(tmp_path / "x.jsonl")
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import quality
+
+        yield quality
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_length_grouped_batches_cover_every_example_once_per_epoch(quality):
+    examples = [{"input_ids": [0] * (1 + (7 * i) % 23)} for i in range(100)]
+    batches = quality.length_grouped_batches(examples, batch=8, seed=3, group=4)
+    flat = [i for b in batches for i in b]
+    assert len(batches) == 12 and all(len(b) == 8 for b in batches)
+    assert len(set(flat)) == 96  # 100 // 8 full batches, no example twice
+    assert batches == quality.length_grouped_batches(examples, batch=8, seed=3, group=4)
+    assert batches != quality.length_grouped_batches(examples, batch=8, seed=4, group=4)
+    spread = lambda b: max(len(examples[i]["input_ids"]) for i in b) - min(len(examples[i]["input_ids"]) for i in b)  # noqa: E731
+    shuffled = torch.randperm(100, generator=torch.Generator().manual_seed(3)).tolist()
+    plain = [shuffled[k : k + 8] for k in range(0, 96, 8)]
+    assert sum(map(spread, batches)) < sum(map(spread, plain)) / 2  # less padding than random batches
+
+
+def test_quality_subsets_are_disjoint_and_fixed_by_the_data_seed(quality, tmp_path):
+    rows = [{"text": f"t{i}", "text_pair": f"p{i}", "label": "same" if i % 2 else "different"} for i in range(50)]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = quality.Task("toy", lambda: path, ("different", "same"), 16)
+    settings = quality.Settings(encoder="x", train=20, validation=5, test=10, epochs=1)
+
+    def tokenizer(texts, pairs, truncation, max_length):
+        return {"input_ids": [[int(t[1:]), int(p[1:])] for t, p in zip(texts, pairs)]}
+
+    splits, digest = quality.load_splits(task, settings, tokenizer)
+    ids = {name: {e["input_ids"][0] for e in split} for name, split in splits.items()}
+    assert [len(ids[n]) for n in ("test", "validation", "train")] == [10, 5, 20]
+    assert not (ids["test"] & ids["train"]) and not (ids["test"] & ids["validation"]) and not (ids["validation"] & ids["train"])
+    assert all(e["label"] == e["input_ids"][0] % 2 for split in splits.values() for e in split)
+    again, same = quality.load_splits(task, settings, tokenizer)
+    assert again == splits and same == digest
+    other, other_digest = quality.load_splits(task, quality.Settings(encoder="x", train=20, validation=5, test=10, epochs=1, data_seed=7), tokenizer)
+    assert other_digest != digest
