@@ -178,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto", help="clock of the pass/fail lines")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--live-fraction", type=float, default=0.5, help="compact: fraction of the ranks left after compaction")
+    p.add_argument("--dead", choices=("ranks", "modules"), default="ranks",
+                   help="compact: remove random ranks anywhere, or whole modules (every rank of randomly chosen modules)")  # fmt: skip
     p.add_argument("--memory", choices=("both", "tensors", "rss", "none"), default="both", help="peak-memory methods (CPU)")
     p.add_argument("--no-memory", action="store_true", help="same as --memory none")
     p.add_argument("--mem-steps", type=int, default=2, help="training steps in each memory subprocess (default 2)")
@@ -307,7 +309,7 @@ def build_variant(variant: str, model, args):
         from sora_dist import SoRAConfig, SoRAOptimizer, inject_sora, sora_param_groups
 
         model = inject_sora(model, SoRAConfig(r=args.r, alpha=args.alpha, dropout=0.0, target_modules=list(TARGETS)), verbose=False)
-        kill_and_compact(model, args.live_fraction)
+        kill_and_compact(model, args.live_fraction, args.dead)
         optimizer = SoRAOptimizer(sora_param_groups(model, lr=args.lr, weight_decay=args.weight_decay, lambda_=args.prox_lambda), lr=args.lr)
     elif variant == "lora":
         from peft import LoraConfig, get_peft_model
@@ -326,19 +328,20 @@ def build_variant(variant: str, model, args):
     return model, optimizer, trainable
 
 
-def kill_and_compact(model, live_fraction: float, seed: int = 0) -> None:
-    """Zero the gates of a seeded random (1 - live_fraction) of all (module, rank) pairs, then remove
-    those ranks physically (``sora_dist.compact.compact_model``), as a compacting run would."""
+def kill_and_compact(model, live_fraction: float, dead: str = "ranks", seed: int = 0) -> None:
+    """Zero the gates of a seeded random (1 - live_fraction) of all (module, rank) pairs (``ranks``)
+    or of all ranks of that fraction of the modules (``modules``), then remove them physically
+    (``sora_dist.compact.compact_model``), as a compacting run would."""
     from sora_dist.compact import compact_model
     from sora_dist.inject import sora_modules
 
     modules = [m for _, m in sora_modules(model)]
-    pairs = [(m, i) for m in modules for i in range(m.rank)]
-    dead = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[: round((1 - live_fraction) * len(pairs))]
+    units = [[(m, i)] for m in modules for i in range(m.rank)] if dead == "ranks" else [[(m, i) for i in range(m.rank)] for m in modules]
+    chosen = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed))[: round((1 - live_fraction) * len(units))]
     with torch.no_grad():
-        for k in dead.tolist():
-            module, rank = pairs[k]
-            module.gate[rank] = 0.0
+        for k in chosen.tolist():
+            for module, rank in units[k]:
+                module.gate[rank] = 0.0
     compact_model(model)
 
 
@@ -583,7 +586,7 @@ def format_table(summary: dict, args, device: torch.device) -> str:
     r = summary["ratios"]
     mem_key = next((f"{m}_peak_delta" for m in ("cuda", "tensors", "rss") if m in memory), None)
     for key, label in (("sora/lora", "SoRA/LoRA "), ("sora/floor", "SoRA/floor"), ("lora/floor", "LoRA/floor"),
-                       ("compact/sora", f"compacted ({args.live_fraction:g} of the ranks)/SoRA")):  # fmt: skip
+                       ("compact/sora", f"compacted ({args.live_fraction:g} of the {args.dead} left)/SoRA")):  # fmt: skip
         if key not in r:
             continue
         x = r[key]

@@ -196,7 +196,7 @@ def plot_budget(metrics_path: str | Path, out_path: str | Path, controller: Budg
         return None
     steps = [r["step"] for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
-    top.plot(steps, [r[unit] for r in records], marker=".", label=f"live {unit}")
+    top.plot(steps, [r[unit] for r in records], marker=".", label="live ranks" if unit == "live_ranks" else "non-zero adapter parameters")
     if controller is not None:
         grid = list(range(0, max(max(steps), controller.by_step) + 1))
         top.plot(grid, [controller.reference(s) for s in grid], "--", color="gray", label="planned")
