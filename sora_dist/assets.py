@@ -268,7 +268,6 @@ def _convert_bigbench(sdist: Path, out_dir: Path) -> None:
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """``rows`` as JSON lines, written to a temporary file renamed at the end (never half a file)."""
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
