@@ -21,7 +21,11 @@ head trained in full and, on every Linear layer of its encoder, one of
                   rank ``target_rank`` by the step at which AdaLoRA stops pruning, and the gate
                   learning rate budget mode picks (``gate_lr_for_budget``);
 ``sora_ones``     the same with every gate starting at 1 (the adapter starts as LoRA's);
+``sora_dense``    the same gates and gate learning rate, no budget (lambda = 0): nothing is
+                  pruned, so it tells what the gating costs apart from the pruning;
 ``lora``          PEFT ``LoraConfig(r=r_max)`` + ``torch.optim.AdamW``;
+``lora_target``   PEFT LoRA at ``r=target_rank`` (alpha scaled along, the same alpha / r), about
+                  the parameters SoRA keeps, spread evenly;
 ``adalora``       PEFT ``AdaLoraConfig(init_r=r_max, target_r=--target-rank)`` + AdamW, with
                   ``update_and_allocate`` after every step.
 
@@ -66,7 +70,7 @@ from sora_dist.inject import select_targets
 from sora_dist.metrics import classification_metrics
 from sora_dist.train import TrainConfig, lr_factor
 
-METHODS = ("sora", "sora_ones", "lora", "adalora")
+METHODS = ("sora", "sora_ones", "sora_dense", "lora", "lora_target", "adalora")
 DEFAULT_METHODS = ("sora", "lora", "adalora")
 ENCODER_LAYERS = r".*encoder\.layer\.\d+\..*"  # every Linear inside the transformer blocks
 
@@ -203,7 +207,9 @@ def adapter_targets(model: nn.Module, settings: Settings) -> list[str]:
 
 
 class SoRA(Method):
-    def __init__(self, model: nn.Module, settings: Settings, gate_init: str):
+    """SoRA in budget mode; with ``budget=False`` nothing is pruned (gated LoRA, the same gate lr)."""
+
+    def __init__(self, model: nn.Module, settings: Settings, gate_init: str, budget: bool = True):
         inject_sora(model, SoRAConfig(r=settings.r_max, alpha=settings.alpha, target_modules=adapter_targets(model, settings),
                                       gate_init=gate_init, modules_to_save=head_names(model)), verbose=False)  # fmt: skip
         schedule = [lr_factor(s, train_config(settings)) for s in range(settings.steps)]
@@ -211,13 +217,17 @@ class SoRA(Method):
         super().__init__(model, SoRAOptimizer(sora_param_groups(model, lr=settings.lr, gate_lr=gate_lr)))
         self.gate_lr = gate_lr
         modules = len(sparsity_report(model).modules)
-        self.controller = BudgetController(model, settings.target_rank * modules, settings.budget_step, lambda_max=settings.lambda_max)
+        self.controller = None
+        if budget:
+            self.controller = BudgetController(model, settings.target_rank * modules, settings.budget_step, lambda_max=settings.lambda_max)
 
     def before_step(self, step: int) -> None:
-        self.controller.apply(self.optimizer)
+        if self.controller is not None:
+            self.controller.apply(self.optimizer)
 
     def after_step(self, step: int) -> None:
-        self.controller.step(self.optimizer)
+        if self.controller is not None:
+            self.controller.step(self.optimizer)
 
     def adapter_params(self) -> tuple[int, int]:
         report = sparsity_report(self.model)
@@ -225,7 +235,8 @@ class SoRA(Method):
         return trainable, report.params
 
     def extra(self) -> dict:
-        return {"gate_lr": self.gate_lr, "live_ranks": sparsity_report(self.model).live_rank, "final_lambda": self.controller.lam}
+        lam = self.controller.lam if self.controller is not None else 0.0
+        return {"gate_lr": self.gate_lr, "live_ranks": sparsity_report(self.model).live_rank, "final_lambda": lam}
 
 
 class PeftMethod(Method):
@@ -250,10 +261,14 @@ class PeftMethod(Method):
 
 
 class LoRA(PeftMethod):
-    def __init__(self, model: nn.Module, settings: Settings):
+    """PEFT LoRA at r_max, or (``rank="target"``) at the budget's rank with the same alpha / r scale."""
+
+    def __init__(self, model: nn.Module, settings: Settings, rank: str = "max"):
         import peft
 
-        config = peft.LoraConfig(r=settings.r_max, lora_alpha=settings.alpha, lora_dropout=0.0,
+        r = settings.r_max if rank == "max" else settings.target_rank
+        alpha = settings.alpha * r / settings.r_max
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
                                  target_modules=adapter_targets(model, settings), modules_to_save=head_names(model))  # fmt: skip
         super().__init__(model, settings, config)
 
@@ -281,7 +296,9 @@ class AdaLoRA(PeftMethod):
 BUILDERS: dict[str, Callable[[nn.Module, Settings], Method]] = {
     "sora": lambda model, s: SoRA(model, s, "normal"),
     "sora_ones": lambda model, s: SoRA(model, s, "ones"),
+    "sora_dense": lambda model, s: SoRA(model, s, "normal", budget=False),
     "lora": LoRA,
+    "lora_target": lambda model, s: LoRA(model, s, "target"),
     "adalora": AdaLoRA,
 }
 
