@@ -298,19 +298,15 @@ def build_variant(variant: str, model, args):
     if variant == "floor":
         model.enable_input_require_grads()
         optimizer = None
-    elif variant == "sora":
+    elif variant in ("sora", "compact"):
         from sora_dist import SoRAConfig, SoRAOptimizer, inject_sora, sora_param_groups
 
         config = SoRAConfig(r=args.r, alpha=args.alpha, dropout=0.0, target_modules=list(TARGETS))
         model = inject_sora(model, config, verbose=False)
+        if variant == "compact":
+            kill_and_compact(model, args.live_fraction, args.dead)
         groups = sora_param_groups(model, lr=args.lr, weight_decay=args.weight_decay, lambda_=args.prox_lambda)
         optimizer = SoRAOptimizer(groups, lr=args.lr)
-    elif variant == "compact":
-        from sora_dist import SoRAConfig, SoRAOptimizer, inject_sora, sora_param_groups
-
-        model = inject_sora(model, SoRAConfig(r=args.r, alpha=args.alpha, dropout=0.0, target_modules=list(TARGETS)), verbose=False)
-        kill_and_compact(model, args.live_fraction, args.dead)
-        optimizer = SoRAOptimizer(sora_param_groups(model, lr=args.lr, weight_decay=args.weight_decay, lambda_=args.prox_lambda), lr=args.lr)
     elif variant == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -28,7 +28,7 @@ In ``adapter_params`` units the plan is turned into ranks with the parameters pe
 the moment, so it lands within about one rank's parameters of the target.
 
 Under DeepSpeed ZeRO-1/2/3 the optimizer holds shards of the gate group; the threshold then needs
-every shard's |z|: one small all-gather per step (see :func:`sora_dist.optim.keep_threshold`).
+every shard's |z|: two small collectives per step (see :func:`sora_dist.optim.keep_threshold`).
 """
 
 from __future__ import annotations
