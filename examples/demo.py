@@ -28,7 +28,7 @@ N_TRAIN, N_VALIDATION, SEED = 800, 200, 0
 
 
 def write_data() -> None:
-    from sora_dist.assets import rotten_tomatoes_path
+    from sora_dist.data.assets import rotten_tomatoes_path
 
     rows = [json.loads(line) for line in rotten_tomatoes_path().read_text().splitlines()]
     rows = [r for r in rows if 20 <= len(r["text"]) <= 250]
@@ -47,8 +47,8 @@ def main() -> int:
     from sora_dist.cli import merge_main, train_main
     from sora_dist.config import load_config
     from sora_dist.data import tokenize_file
-    from sora_dist.evaluate import answer_accuracy, generate_answers
     from sora_dist.models import load_model, load_tokenizer, resolve_model_path
+    from sora_dist.training.evaluate import answer_accuracy, generate_answers
 
     start = time.perf_counter()
     config = load_config(CONFIG)

@@ -13,11 +13,14 @@ gpu_count() {
     fi
 }
 
-# launch_with <yaml name> [deepspeed json name] -- script and arguments
+# launch_with <yaml name> <deepspeed json name or ""> [accelerate options] -- CONFIG.yaml [--set KEY=VALUE ...]
+# runs sora-train (python -m sora_dist.cli train) on CONFIG.yaml under accelerate launch.
 launch_with() {
     local yaml="$1" json="$2"
     shift 2
     local extra=()
     [[ -n "$json" ]] && extra+=(--deepspeed_config_file "$REPO_DIR/ds_configs/$json")
-    exec accelerate launch --config_file "$LAUNCH_DIR/$yaml" "${extra[@]}" "$@"
+    while [[ $# -gt 0 && "$1" != "--" ]]; do extra+=("$1"); shift; done
+    [[ "${1:-}" == "--" ]] && shift
+    exec accelerate launch --config_file "$LAUNCH_DIR/$yaml" "${extra[@]}" -m sora_dist.cli train "$@"
 }

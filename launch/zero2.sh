@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DeepSpeed ZeRO-2 on every GPU of this machine (NUM_GPUS=n to use fewer).
-# usage: launch/zero2.sh -m sora_dist.train --model MODEL --data DATA.jsonl --output-dir OUT --mixed-precision bf16
+# usage: launch/zero2.sh CONFIG.yaml [--set SECTION.KEY=VALUE ...]   (e.g. examples/chat_sft.yaml)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-launch_with zero2.yaml "zero2.json" --num_processes "$(gpu_count)" "$@"
+launch_with zero2.yaml "zero2.json" --num_processes "$(gpu_count)" -- "$@"

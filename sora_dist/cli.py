@@ -48,14 +48,14 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-probe", action="store_true", help="skip the output comparison with the 4-bit model an adapter was trained on")
     args = parser.parse_args(argv)
 
-    from .merge_stream import merge_files
-    from .sources import resolve_adapter
+    from .deploy.sources import resolve_adapter
+    from .deploy.stream_merge import merge_files
 
     meta, tensors, where = resolve_adapter(args.adapter)
     result = merge_files(args.base, meta, tensors, args.out, args.dtype, args.quantize, args.force, adapter_name=where)
     print(result.summary())
     if meta.get("base_quantization") and not args.no_probe:
-        from .probe import probe_quantized_training
+        from .deploy.probe import probe_quantized_training
 
         print(probe_quantized_training(args.base, meta, tensors, where, args.out).summary())
     return 0
@@ -69,8 +69,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
 
-    from .export import export_peft
-    from .sources import resolve_adapter
+    from .deploy.export import export_peft
+    from .deploy.sources import resolve_adapter
 
     meta, tensors, where = resolve_adapter(args.adapter)
     config = export_peft(meta, tensors, args.out, args.force, source=where)
@@ -87,9 +87,9 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"train": train_mai
 
 def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; a user mistake (bad path, mismatch, bad value) prints ``error: ...`` and exits 2."""
-    from .config import ConfigError
-    from .data import DataError
-    from .train import NonFiniteLoss
+    from .data.formats import DataError
+    from .options import ConfigError
+    from .training.guard import NonFiniteLoss
 
     try:
         return command(argv)

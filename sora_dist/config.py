@@ -1,9 +1,11 @@
 """The run configuration of ``sora-train``: one YAML file, validated before anything heavy starts.
 
 Sections: ``model``, ``sora``, ``data``, ``train``, ``distributed``, and two optional ones:
-``sparsity_schedule`` (the staged Algorithm 1 of SORA.md) or ``sparsity_budget`` (a λ controller
-towards a target live rank or parameter count). Each maps onto a dataclass; an unknown key, a wrong
-type or an impossible value fails with the key's path (``train.lr``) and what is allowed.
+``sparsity_schedule`` (the staged Algorithm 1) or ``sparsity_budget`` (budget mode). Each maps
+onto a dataclass defined next to the code it configures, whose fields carry their help text
+(``sora-train --help`` is generated from them). An unknown key, a duplicate key, a wrong type or an
+impossible value fails with the key's path (``train.lr``) and what is allowed. This module and the
+section modules import nothing heavy: no torch model, tokenizer or data is touched here.
 """
 
 from __future__ import annotations
@@ -16,105 +18,53 @@ from typing import Any
 
 import yaml
 
-from .data import FORMATS
-from .inject import SoRAConfig
-from .stages import SparsitySchedule
-from .train import TrainConfig
+from .backends.dtypes import LONG_NAMES, MIXED_PRECISIONS
+from .core.config import GATE_UPDATES, SoRAConfig
+from .data.config import DataConfig
+from .options import ConfigError, choice, help_of, option
+from .sparsity.config import SparsityBudget, SparsitySchedule
+from .training.config import TrainConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message starts with the key's path."""
+TASKS = ("causal_lm", "sequence_classification")
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    path: str = ""
-    task: str = "causal_lm"
-    dtype: str = "bfloat16"
-    quantization: str = "none"
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_double_quant: bool = True
-    bnb_4bit_compute_dtype: str = "bfloat16"
-    num_labels: int | None = None
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    path: str = option("", "local model folder, hub id (offline: the files must be local or cached) or asset:NAME")
+    task: str = option("causal_lm", "causal_lm | sequence_classification")
+    dtype: str = option("bfloat16", "dtype of the base weights: float32 | bfloat16 | float16")
+    quantization: str = option("none", "none | 4bit | 8bit (bitsandbytes; 4-bit storage uses model.dtype, as ZeRO-3 needs)")
+    bnb_4bit_quant_type: str = option("nf4", "nf4 | fp4")
+    bnb_4bit_double_quant: bool = option(True, "quantize the 4-bit scales too (QLoRA's double quantization)")
+    bnb_4bit_compute_dtype: str = option("bfloat16", "dtype the 4-bit layers compute in")
+    num_labels: int | None = option(None, "classes of a sequence classifier (default: from the data's labels; 1 = regression)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = option(False, "allow the model folder's own Python code (off unless you trust it)")
 
     def __post_init__(self):
-        _choice("task", self.task, ("causal_lm", "sequence_classification"))
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("quantization", self.quantization, ("none", "4bit", "8bit"))
-        _choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
-        _choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, DTYPES)
+        choice("task", self.task, TASKS)
+        choice("dtype", self.dtype, LONG_NAMES)
+        choice("quantization", self.quantization, ("none", "4bit", "8bit"))
+        choice("bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        choice("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, LONG_NAMES)
         if not self.path:
-            raise ValueError("path: required: a local model folder or a hub id")
-
-
-@dataclasses.dataclass
-class DataConfig:
-    format: str = "instruction"
-    train_file: str = ""
-    validation_file: str | None = None
-    validation_fraction: float = 0.0
-    max_length: int = 512
-    on_error: str = "fail"
-    eval_batch_size: int = 16
-    eval_max_examples: int = 0
-    eval_generate_tokens: int = 0
-
-    def __post_init__(self):
-        _choice("format", self.format, FORMATS)
-        _choice("on_error", self.on_error, ("fail", "skip"))
-        if not self.train_file:
-            raise ValueError("train_file: required: a local .jsonl, .json, .csv or .parquet file")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
-        if self.validation_file and self.validation_fraction:
-            raise ValueError("validation_fraction: give either validation_file or validation_fraction, not both")
-        if self.max_length < 8:
-            raise ValueError(f"max_length: must be >= 8, got {self.max_length}")
+            raise ConfigError("path: required: a local model folder or a hub id")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ConfigError(f"num_labels: must be >= 1, got {self.num_labels}")
 
 
 @dataclasses.dataclass
 class DistributedConfig:
-    deepspeed_config: str | None = None
-    mixed_precision: str | None = None
+    deepspeed_config: str | None = option(
+        None, "DeepSpeed JSON (ds_configs/) when launching with torchrun/deepspeed; accelerate launch passes its own"
+    )
+    mixed_precision: str | None = option(None, "no | bf16 | fp16 (fp16 needs a GPU); default: the launcher's setting")
 
     def __post_init__(self):
         if self.mixed_precision is not None:
-            _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+            choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
-            raise ValueError(f"deepspeed_config: file {self.deepspeed_config!r} not found (see ds_configs/)")
-
-
-@dataclasses.dataclass
-class SparsityBudget:
-    """Budget mode (budget.py): λ is chosen at every step so the live adapter follows a planned size to a target."""
-
-    target_rank: float | None = None
-    target_params: int | None = None
-    by_step: int = 0
-    lambda_max: float = 2.0
-    trajectory: str = "cubic"
-
-    def __post_init__(self):
-        if (self.target_rank is None) == (self.target_params is None):
-            raise ValueError("target_rank: give exactly one of target_rank (average live rank per module) or target_params")
-        if self.target_rank is not None and self.target_rank < 0:
-            raise ValueError(f"target_rank: must be >= 0, got {self.target_rank}")
-        if self.target_params is not None and self.target_params < 0:
-            raise ValueError(f"target_params: must be >= 0, got {self.target_params}")
-        if self.by_step < 1:
-            raise ValueError(f"by_step: required: the optimizer step by which to reach the target (>= 1), got {self.by_step}")
-        if not 0 < self.lambda_max <= 10:
-            raise ValueError(f"lambda_max: must be in (0, 10] (prox_adam + lr_scaled: 1.5-3), got {self.lambda_max}")
-        _choice("trajectory", self.trajectory, ("cubic", "linear"))
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}: must be one of {list(allowed)}, got {value!r}")
+            raise ConfigError(f"deepspeed_config: file {self.deepspeed_config!r} not found (see ds_configs/)")
 
 
 SECTIONS: dict[str, type] = {
@@ -129,86 +79,15 @@ SECTIONS: dict[str, type] = {
 # Sections that exist only when the YAML has them (None otherwise).
 OPTIONAL_SECTIONS = ("sparsity_schedule", "sparsity_budget")
 
-HELP: dict[str, str] = {
-    "model.path": "local model folder or hub id (offline: the files must be local or cached)",
-    "model.task": "causal_lm | sequence_classification",
-    "model.dtype": "dtype of the base weights: float32 | bfloat16 | float16",
-    "model.quantization": "none | 4bit | 8bit (bitsandbytes; 4-bit storage uses model.dtype, as ZeRO-3 needs)",
-    "model.bnb_4bit_quant_type": "nf4 | fp4",
-    "model.bnb_4bit_double_quant": "quantize the 4-bit scales too (QLoRA's double quantization)",
-    "model.bnb_4bit_compute_dtype": "dtype the 4-bit layers compute in",
-    "model.num_labels": "classes of a sequence classifier (default: from the data's labels; 1 = regression)",
-    "model.gradient_checkpointing": "recompute activations in backward to save memory",
-    "model.trust_remote_code": "allow the model folder's own Python code (off unless you trust it)",
-    "sora.r": "r_max: rank of each SoRA branch before sparsification",
-    "sora.alpha": "scale s = alpha / r_max (fixed; pruning does not change it)",
-    "sora.dropout": "dropout on the branch input",
-    "sora.target_modules": '"all-linear" (except the output head), a regex on full names, or a list of name suffixes',
-    "sora.gate_init": "normal (N(0,1), as the released code) | ones",
-    "sora.modules_to_save": "modules trained in full, e.g. [score] for a classifier head (default for classification: the head)",
-    "sora.adapter_dtype": "dtype of the adapter parameters (float32 recommended)",
-    "data.format": "instruction | chat | text | classification",
-    "data.train_file": "local .jsonl, .json, .csv or .parquet, or asset:rotten_tomatoes | asset:vitaminc | asset:movie_dialog "
-    "(real data that install offline, in the classification shape)",
-    "data.validation_file": "optional validation file of the same format",
-    "data.validation_fraction": "hold out this fraction of train_file for validation instead (seeded by train.seed)",
-    "data.max_length": "truncate examples to this many tokens",
-    "data.on_error": "fail (default: stop at the first malformed row, naming file and row) | skip (count and skip)",
-    "data.eval_batch_size": "batch size of evaluation",
-    "data.eval_max_examples": "evaluate on at most this many validation examples (0 = all)",
-    "data.eval_generate_tokens": "instruction/chat data: also greedily generate this many tokens and report how often they start with the reference answer",
-    "train.steps": "optimizer steps (not micro-batches)",
-    "train.micro_batch_size": "examples per micro-batch per process",
-    "train.grad_accum": "micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x processes",
-    "train.lr": "peak learning rate of A, B (and modules_to_save)",
-    "train.gate_lr": "peak learning rate of the gates (default: train.lr; in budget mode one chosen from the budget, see sparsity_budget.lambda_max)",
-    "train.weight_decay": "AdamW weight decay of A and B (never the gates)",
-    "train.warmup_steps": "linear warm-up steps of both learning rates",
-    "train.lr_decay": "constant | linear | cosine decay after warm-up",
-    "train.max_grad_norm": "global gradient-norm clipping (0 = off)",
-    "train.gate_update": "prox_adam (released code) | prox_sgd (paper)",
-    "train.threshold": "lr_scaled (tau = lr x lambda, the paper) | fixed (tau = lambda)",
-    "train.lambda_kind": "constant | linear | geometric ramp of lambda",
-    "train.lambda_start": "sparsity strength lambda at step 0 (prox_adam + lr_scaled: lambda > 1 eventually kills every gate)",
-    "train.lambda_end": "lambda at the end of the ramp",
-    "train.lambda_steps": "optimizer steps of the ramp",
-    "train.seed": "seed of the adapters, data order and dropout",
-    "train.output_dir": "where checkpoints, metrics.jsonl, the adapter and the reports go (under runs/)",
-    "train.save_every": "checkpoint every N steps (0 = never); written atomically",
-    "train.keep_checkpoints": "how many checkpoints to keep",
-    "train.resume": "continue from the newest checkpoint in output_dir if there is one",
-    "train.log_every": "log loss, lr, lambda and live ranks every N steps",
-    "train.eval_every": "evaluate every N steps (0 = only at the end)",
-    "distributed.deepspeed_config": "DeepSpeed JSON (ds_configs/) when launching with torchrun/deepspeed; accelerate launch passes its own",
-    "distributed.mixed_precision": "no | bf16 | fp16 (fp16 needs a GPU); default: the launcher's setting",
-    "sparsity_schedule.kind": "linear | geometric (stages lambdas from start to end) | list (the lambdas in values); "
-    "present, this section runs the stages instead of one training run (train.lambda_* are then unused)",
-    "sparsity_schedule.start": "lambda of the first stage (linear | geometric; > 0 for geometric)",
-    "sparsity_schedule.end": "lambda of the last stage (>= start)",
-    "sparsity_schedule.stages": "number of stages K (linear | geometric)",
-    "sparsity_schedule.values": "kind=list: the non-decreasing lambdas, one per stage, e.g. [0.1, 0.3, 1.0]",
-    "sparsity_schedule.steps_per_stage": "optimizer steps of each stage, each with its own warm-up/decay of the lr (default: train.steps)",
-    "sparsity_schedule.train_subset": "memorization is scored on the first N training examples",
-    "sparsity_budget.target_rank": "budget as the average live rank per SoRA module (0..sora.r); present, this section "
-    "sets lambda during training (train.lambda_* are then unused); give this or target_params",
-    "sparsity_budget.target_params": "budget as the number of non-zero adapter parameters (sum of live rank x (d_in + d_out))",
-    "sparsity_budget.by_step": "optimizer step by which the live count should reach the target (<= train.steps); held afterwards",
-    "sparsity_budget.lambda_max": "largest lambda of any step, i.e. the fastest shrinkage (prox_adam + lr_scaled: > 1, 1.5-3); "
-    "without train.gate_lr, the gate lr is chosen so that this lambda can prune in time",
-    "sparsity_budget.trajectory": "planned decrease from the start count to the target: cubic (fast first, AdaLoRA-style) | linear",
-    "sparsity_schedule.compact": "remove the dead ranks (gates exactly 0) physically between stages, so later stages "
-    "train a smaller adapter (a removed rank cannot revive); stages.csv gets adapter_params and step_time_s",
-}
-
 
 def config_help() -> str:
-    """Every key of every section with its default and meaning."""
+    """Every key of every section with its default and meaning (from the fields' help)."""
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"{name}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} (default {default!r}): {HELP.get(f'{name}.{f.name}', '')}")
+            lines.append(f"  {f.name} (default {default!r}): {help_of(f)}")
     return "\n".join(lines)
 
 
@@ -231,8 +110,8 @@ def _check_type(path: str, value: Any, annotation) -> Any:
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
     if value is None and type(None) in options:
         return None
-    for option in options:
-        origin = typing.get_origin(option) or option
+    for kind in options:
+        origin = typing.get_origin(kind) or kind
         if origin is bool and isinstance(value, bool):
             return value
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
@@ -243,7 +122,7 @@ def _check_type(path: str, value: Any, annotation) -> Any:
             return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if origin is str and isinstance(value, str):
             return value
-        item = (typing.get_args(option) or (str,))[0]
+        item = (typing.get_args(kind) or (str,))[0]
         if origin is list and isinstance(value, list) and item is str and all(isinstance(v, str) for v in value):
             return value
         if origin is list and isinstance(value, list) and item is float and all(_is_real(v) for v in value):
@@ -287,6 +166,19 @@ def build_section(name: str, values: dict | None):
         raise ConfigError(f"{name}.{message}") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def set_override(raw: dict, assignment: str) -> None:
     """Apply ``section.key=value`` (value parsed as YAML) to the raw config mapping."""
     key, sep, text = assignment.partition("=")
@@ -298,7 +190,10 @@ def set_override(raw: dict, assignment: str) -> None:
     raw.setdefault(section, {})
     if raw[section] is None:
         raw[section] = {}
-    raw[section][field] = yaml.safe_load(text)
+    try:
+        raw[section][field] = yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: invalid YAML value {text!r}: {getattr(err, 'problem', None) or err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: dict | None = None) -> RunConfig:
@@ -308,11 +203,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+            raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
     for assignment in overrides:
@@ -338,7 +235,7 @@ def check_budget(config: RunConfig) -> None:
         raise ConfigError(f"sparsity_budget.by_step: must be <= train.steps={config.train.steps}, got {budget.by_step}")
     if budget.target_rank is not None and budget.target_rank > config.sora.r:
         raise ConfigError(f"sparsity_budget.target_rank: must be <= sora.r={config.sora.r}, got {budget.target_rank}")
-    if config.train.gate_update == "prox_adam" and config.train.threshold == "lr_scaled" and budget.lambda_max <= 1:
+    if (config.train.gate_update, config.train.threshold) == (GATE_UPDATES[0], "lr_scaled") and budget.lambda_max <= 1:
         raise ConfigError(
             f"sparsity_budget.lambda_max: must be > 1 with prox_adam and the lr_scaled threshold, got {budget.lambda_max}: "
             "an Adam step moves a gate by about the learning rate, so only lambda > 1 can shrink every gate"
@@ -354,7 +251,7 @@ def check_stages(config: RunConfig) -> None:
         )
     schedule = config.sparsity_schedule
     try:
-        schedule.stage_config(config.train, 0, schedule.lambdas()[0], "")
+        dataclasses.replace(config.train, steps=schedule.steps_per_stage or config.train.steps)
     except ValueError as err:
         message = str(err).replace("TrainConfig.", "train.").replace("steps=", "sparsity_schedule.steps_per_stage=")
         raise ConfigError(f"sparsity_schedule.steps_per_stage: each stage is one training run: {message}") from None

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed
+from .backends.accelerate import cpu_only
+
+TASKS = ("causal_lm", "sequence_classification")
 
 
 class ModelNotFound(FileNotFoundError):
@@ -33,9 +35,18 @@ def bnb_config(quantization: str, quant_type: str = "nf4", double_quant: bool = 
     )
 
 
+def auto_class(task: str | None):
+    """The transformers Auto class of a task (``causal_lm`` when unknown)."""
+    import transformers
+
+    if task == "sequence_classification":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
+
+
 def resolve_model_path(path: str) -> str:
-    """``asset:NAME`` names a model that installs offline from a package (sora_dist.assets.MODELS)."""
-    from . import assets
+    """``asset:NAME`` names a model that installs offline from a package (sora_dist.data.assets.MODELS)."""
+    from .data import assets
 
     try:
         return assets.resolve(path, assets.MODELS, "model.path")
@@ -55,7 +66,6 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """A causal LM or sequence classifier; call after ``build_accelerator`` (ZeRO-3 loads partitioned)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
@@ -64,10 +74,9 @@ def load_model(
     if quantization != "none":
         kwargs["quantization_config"] = bnb_config(quantization, quant_type, double_quant, compute_dtype, dtype)
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map and partitions the model itself
-            kwargs["device_map"] = "cpu" if distributed.cpu_only() else {"": torch.cuda.current_device()}
-    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+            kwargs["device_map"] = "cpu" if cpu_only() else {"": torch.cuda.current_device()}
     try:
-        model = cls.from_pretrained(resolve_model_path(path), **kwargs)
+        model = auto_class(task).from_pretrained(resolve_model_path(path), **kwargs)
     except OSError as err:
         raise ModelNotFound(_not_found(path, err)) from None
     if task == "sequence_classification" and model.config.pad_token_id is None:

@@ -1,7 +1,8 @@
 """The ``sora-train`` recipe: a validated RunConfig in, a trained adapter and its reports out.
 
-accelerator -> tokenizer and data (cheap errors first) -> model -> SoRA -> train -> reports.
-With a ``sparsity_schedule`` section, "train" is the staged run of stages.py.
+accelerator -> tokenizer and data (cheap errors first) -> model -> SoRA -> resolved config
+(budget mode's gate lr) written to ``config.yaml`` -> train -> reports. With a
+``sparsity_schedule`` section, "train" is the staged run of training/stages.py.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import distributed
-from .budget import BudgetController, budget_target, gate_lr_for_budget, plot_budget
+from .backends import accelerate as engine
+from .backends.dtypes import torch_dtype
 from .config import RunConfig
-from .data import Examples, data_path, pad_collate, split_holdout, tokenize_file
-from .evaluate import make_evaluator
-from .inject import inject_sora
+from .core.inject import inject_sora
+from .core.report import sparsity_report
+from .data.collate import pad_collate
+from .data.load import Examples, data_path, split_holdout, tokenize_file
+from .deploy.atomic import write_text
+from .deploy.layout import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from .models import load_model, load_tokenizer
-from .sparsity import sparsity_report
-from .stages import run_stages
-from .train import lr_factor, train
+from .sparsity.budget import BudgetController, budget_target, gate_lr_for_budget
+from .sparsity.plots import plot_budget
+from .training.evaluate import make_evaluator
+from .training.loop import train
+from .training.lr import lr_factor
+from .training.stages import run_stages
 
 CLASSIFIER_HEADS = ("score", "classifier")
 
@@ -71,18 +78,22 @@ def budget_controller(cfg: RunConfig, model) -> BudgetController:
     return BudgetController(model, target, budget.by_step, unit, budget.lambda_max, budget.trajectory)
 
 
-def budget_gate_lr(cfg: RunConfig, model, main: bool) -> None:
-    """Budget mode without train.gate_lr: pick one that lets the gates shrink in time (budget.py)."""
-    if cfg.train.gate_lr is not None or (cfg.train.gate_update, cfg.train.threshold) != ("prox_adam", "lr_scaled"):
-        return
+def resolve(cfg: RunConfig, model, main: bool) -> RunConfig:
+    """The config the run really uses: in budget mode without train.gate_lr, the gate lr that lets
+    the gates shrink in time (sparsity/budget.py) is filled in, so ``config.yaml`` records it."""
+    if cfg.sparsity_budget is None or cfg.train.gate_lr is not None:
+        return cfg
+    if (cfg.train.gate_update, cfg.train.threshold) != ("prox_adam", "lr_scaled"):
+        return cfg
     factors = [lr_factor(step, cfg.train) for step in range(cfg.train.steps)]
-    cfg.train.gate_lr = gate_lr_for_budget(model, factors, cfg.sparsity_budget.by_step, cfg.sparsity_budget.lambda_max)
+    gate_lr = gate_lr_for_budget(model, factors, cfg.sparsity_budget.by_step, cfg.sparsity_budget.lambda_max)
     if main:
-        print(f"budget mode: gate learning rate {cfg.train.gate_lr:.3g} (set train.gate_lr to choose it yourself)", flush=True)
+        print(f"budget mode: gate learning rate {gate_lr:.3g} (set train.gate_lr to choose it yourself)", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gate_lr=gate_lr))
 
 
 def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> None:
-    metrics = Path(output_dir) / "metrics.jsonl"
+    metrics = Path(output_dir) / METRICS_FILE
     if not metrics.is_file():
         return
     try:
@@ -93,21 +104,18 @@ def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> N
 
 def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
     """Train as ``cfg`` says; everything goes to ``output_dir``. Returns the final summary."""
-    cfg.train.output_dir = str(output_dir)
-    accelerator = distributed.build_accelerator(cfg.distributed.deepspeed_config, cfg.distributed.mixed_precision, cfg.train.grad_accum)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(output_dir)))
+    accelerator = engine.build_accelerator(cfg.distributed.deepspeed_config, cfg.distributed.mixed_precision, cfg.train.grad_accum)
     main = accelerator.is_main_process
     try:
-        if main:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         train_set, val_set = load_data(cfg, tokenizer)
         if main and train_set.skipped:
             print(f"skipped {len(train_set.skipped)} malformed rows (first: {next(iter(train_set.skipped.values()))})", flush=True)
         labels = num_labels_of(cfg, train_set)
         model = load_model(
-            cfg.model.path, cfg.model.task, getattr(torch, cfg.model.dtype), cfg.model.quantization,
-            cfg.model.bnb_4bit_quant_type, cfg.model.bnb_4bit_double_quant, getattr(torch, cfg.model.bnb_4bit_compute_dtype),
+            cfg.model.path, cfg.model.task, torch_dtype(cfg.model.dtype), cfg.model.quantization,
+            cfg.model.bnb_4bit_quant_type, cfg.model.bnb_4bit_double_quant, torch_dtype(cfg.model.bnb_4bit_compute_dtype),
             labels, cfg.model.trust_remote_code,
         )  # fmt: skip
         if cfg.model.gradient_checkpointing:
@@ -119,11 +127,11 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         if val_set is not None:
             evaluate = make_evaluator(cfg.model.task, val_set.rows, collate, cfg.data.eval_batch_size, accelerator,
                                       tokenizer, labels or 2, cfg.data.eval_generate_tokens)
+        cfg = resolve(cfg, model, main)
+        if main:
+            write_text(Path(output_dir) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         stages = None
-        controller = None
-        if cfg.sparsity_budget is not None:
-            budget_gate_lr(cfg, model, main)
-            controller = budget_controller(cfg, model)
+        controller = budget_controller(cfg, model) if cfg.sparsity_budget is not None else None
         if cfg.sparsity_schedule is None:
             model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate, lambdas=controller)
             if controller is not None and main:
@@ -142,7 +150,7 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
             summary["budget"] = controller.summary()
         if main:
             print(report.table(), flush=True)
-            (Path(output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(Path(output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
             if controller is not None:
                 print(f"budget mode: target {controller.target:g} {controller.unit}, reached {controller.last_count:g}; "
                       f"see budget.png", flush=True)  # fmt: skip
@@ -153,4 +161,4 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
                       f"{Path(output_dir) / 'stages'}", flush=True)  # fmt: skip
         return summary
     finally:
-        distributed.end_of_run()
+        engine.end_of_run()

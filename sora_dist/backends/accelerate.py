@@ -1,0 +1,287 @@
+"""Backend details for the training loop: plain PyTorch, DDP and DeepSpeed ZeRO-0/1/2/3 via Accelerate.
+
+The SoRA math never changes between backends. What changes is where tensors live and who steps
+the optimizer:
+
+- plain PyTorch and DDP: ``optimizer.step()`` runs :class:`~sora_dist.core.optim.SoRAOptimizer` on whole
+  tensors after DDP averaged the gradients and we clipped them;
+- DeepSpeed: ``accelerator.backward()`` runs the engine's step, which averages (all-reduce or
+  reduce-scatter), clips, and then calls our optimizer's ``step()`` on whole tensors (ZeRO-0) or on
+  this rank's flat fp32 shard of each param group (ZeRO-1/2/3). The gate group keeps its
+  ``sora_gate`` key there, so the proximal step runs on the gate shard with no extra collective.
+
+CPU-only machines (tests, laptops) need a few workarounds; each sits behind :func:`cpu_only` so
+GPU users never pay for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.optim import GATE_FLAG, SoRAOptimizer, mark_sharded
+from .dtypes import MIXED_PRECISIONS
+
+
+def cpu_only() -> bool:
+    """True where no CUDA GPU exists: the CPU workarounds below apply only then."""
+    return not torch.cuda.is_available()
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Stop DeepSpeed from compiling its shared-memory op when it starts (CPU only).
+
+    ``deepspeed.init_distributed`` builds a shared-memory all-reduce kernel for CPU inference
+    (~20 s of g++ on first use). Training goes through gloo and never calls it, so mark the op as
+    unavailable; DeepSpeed then falls back to torch.distributed as it does on non-Linux systems.
+    """
+    if not cpu_only():
+        return
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def deepspeed_requested(ds_config: str | os.PathLike | dict | None) -> bool:
+    """A DeepSpeed config was given in code or by ``accelerate launch`` (which sets the env var)."""
+    return ds_config is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def build_accelerator(
+    ds_config: str | os.PathLike | dict | None = None,
+    mixed_precision: str | None = None,
+    grad_accum: int = 1,
+):
+    """The Accelerator for this launch; call it before loading the model.
+
+    ``ds_config`` (a DeepSpeed JSON file or dict) selects DeepSpeed when the script was started
+    with ``torchrun`` or ``deepspeed``; under ``accelerate launch`` the config file of the
+    Accelerate YAML is used and ``ds_config`` may stay None. Creating the Accelerator first matters
+    for ZeRO-3: it arms ``from_pretrained`` to load the model already partitioned.
+    ``mixed_precision`` None takes the launcher's setting ("no" without one).
+    """
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
+    if cpu_only() and (mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
+        raise ValueError("fp16 with loss scaling needs a CUDA GPU; on CPU use mixed_precision='bf16' or 'no'")
+    kwargs: dict = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed_precision}
+    use_deepspeed = deepspeed_requested(ds_config)
+    if use_deepspeed:
+        skip_deepspeed_shm_op()
+        if ds_config is not None:
+            config = load_ds_config(ds_config)
+            stage = config.get("zero_optimization", {}).get("stage", 0)
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=stage == 3)
+    if cpu_only():
+        if use_deepspeed:
+            # Accelerate picks no backend on a GPU-less machine and the DeepSpeed batch-size check fails.
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            # Without cpu=True, a torchrun/accelerate-launched CPU job runs as N unrelated processes.
+            kwargs["cpu"] = True
+    return Accelerator(**kwargs)
+
+
+def load_ds_config(ds_config: str | os.PathLike | dict) -> dict:
+    """A DeepSpeed config as a fresh dict, with a readable error for a bad file."""
+    if isinstance(ds_config, dict):
+        return json.loads(json.dumps(ds_config))
+    path = Path(ds_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found (the ds_configs/ folder has starting points)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON in the DeepSpeed config: {err.msg}") from err
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run; None for plain PyTorch and DDP."""
+    if not uses_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def backend_name(accelerator) -> str:
+    stage = zero_stage(accelerator)
+    if stage is not None:
+        return f"deepspeed-zero{stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def fill_deepspeed_config(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Resolve the "auto" fields Accelerate cannot fill without a DataLoader, and check the rest.
+
+    The training loop owns batch size, accumulation and clipping; a DeepSpeed config that says
+    something else would silently train a different recipe, so a fixed value must agree.
+    """
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "gradient_clipping": float(max_grad_norm),
+        "train_batch_size": micro_batch_size * accelerator.gradient_accumulation_steps * accelerator.num_processes,
+    }
+    for key, value in wanted.items():
+        current = config.get(key, "auto")
+        if current == "auto":
+            config[key] = value
+        elif float(current) != float(value):
+            raise ValueError(
+                f"DeepSpeed config: {key} is {current} but the training settings give {value}; "
+                f'set "{key}": "auto" in the DeepSpeed JSON (or make the two agree)'
+            )
+
+
+def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, micro_batch_size: int, max_grad_norm: float):
+    """``accelerator.prepare`` for a SoRA model and its optimizer, with the backend checks.
+
+    Returns (model, optimizer) as the backend wraps them. Fails loudly if the optimizer that the
+    backend will step is not our SoRAOptimizer or lost its gate group: the released SoRA code
+    trained with its gate optimizer silently never stepped under DeepSpeed.
+    """
+    if not isinstance(optimizer, SoRAOptimizer):
+        raise TypeError(f"prepare() needs a SoRAOptimizer (the gates are updated inside its step()), got {type(optimizer).__name__}")
+    mark_sharded(optimizer, bool(zero_stage(accelerator)))
+    if uses_deepspeed(accelerator):
+        fill_deepspeed_config(accelerator, micro_batch_size, max_grad_norm)
+        if zero_stage(accelerator) == 0 and engine_dtype(accelerator) == torch.bfloat16 and accelerator.is_main_process:
+            warnings.warn(
+                "DeepSpeed ZeRO-0 with bf16 keeps no fp32 master weights: the adapter and the gates are updated "
+                "in bf16, where small steps round away. Use ZeRO-1 (ds_configs/zero1.json) or DDP with bf16 autocast.",
+                stacklevel=2,
+            )
+    model, wrapped = accelerator.prepare(model, optimizer)
+    stepped = client_optimizer(wrapped)
+    if stepped is not optimizer:
+        raise RuntimeError(
+            f"the {backend_name(accelerator)} backend replaced the SoRA optimizer by {type(stepped).__name__}; the "
+            "gates would never be thresholded. With ZeRO-Offload set \"zero_force_ds_cpu_optimizer\": false in the DeepSpeed config"
+        )
+    if not gate_shard_numel(wrapped, stepped):
+        raise RuntimeError(
+            f"the {backend_name(accelerator)} backend gives the SoRA optimizer no gate to step on rank "
+            f"{accelerator.process_index}: its gate group ({GATE_FLAG}=True) is missing or empty"
+        )
+    return model, wrapped
+
+
+def gate_shard_numel(wrapped, optimizer: SoRAOptimizer) -> int:
+    """How many gate elements this rank's optimizer steps (its shard under ZeRO-1/2/3).
+
+    ZeRO-3 puts a group's flat fp32 shard into ``params`` only while it steps, so there the shard
+    is found through DeepSpeed's sub-group table instead.
+    """
+    gate_indices = {i for i, g in enumerate(optimizer.param_groups) if g.get(GATE_FLAG)}
+    zero3 = getattr(wrapped, "optimizer", None)
+    table = getattr(zero3, "sub_group_to_group_id", None)
+    if table is not None:
+        shards = zero3.fp32_partitioned_groups_flat
+        return sum(shards[sub].numel() for sub, group in table.items() if group in gate_indices)
+    return sum(p.numel() for i in gate_indices for p in optimizer.param_groups[i]["params"])
+
+
+def client_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The innermost optimizer under Accelerate's and DeepSpeed's wrappers (ours, if all is well)."""
+    while not isinstance(optimizer, SoRAOptimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def clip_gradients(accelerator, model: nn.Module, max_norm: float) -> None:
+    """Clip the global gradient norm. DeepSpeed clips inside its step, from ``gradient_clipping``."""
+    if max_norm > 0 and not uses_deepspeed(accelerator):
+        accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+
+
+def engine_dtype(accelerator) -> torch.dtype | None:
+    """The dtype DeepSpeed keeps the model in (bf16/fp16 runs); None where autocast handles inputs."""
+    if not uses_deepspeed(accelerator):
+        return None
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if config.get(key, {}).get("enabled") is True:
+            return dtype
+    return None
+
+
+def to_device(batch: dict, accelerator) -> dict:
+    """Move a batch to this rank's device; float inputs take the engine's dtype under DeepSpeed.
+
+    DeepSpeed keeps a bf16/fp16 model but, unlike autocast, does not cast the inputs.
+    """
+    dtype = engine_dtype(accelerator)
+    moved = {}
+    for key, value in batch.items():
+        value = value.to(accelerator.device)
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+def save_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
+    """Backend checkpoint of the trainable state (every rank calls it): weights, optimizer, RNG.
+
+    DeepSpeed writes its own sharded files; frozen base weights are left out everywhere (they come
+    back from the base model) so a checkpoint holds the adapter, not another copy of the model.
+    """
+    if uses_deepspeed(accelerator):
+        accelerator.save_state(str(path), exclude_frozen_parameters=True)
+        return
+    trainable = trainable_names(accelerator, model)
+
+    def drop_frozen(models, weights, output_dir):
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if k.removeprefix("module.") in trainable}
+
+    handle = accelerator.register_save_state_pre_hook(drop_frozen)
+    try:
+        accelerator.save_state(str(path))
+    finally:
+        handle.remove()
+
+
+def load_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint written by :func:`save_state`.
+
+    Frozen weights are absent, so loading is non-strict; the saved names are checked first, so a
+    checkpoint of another model fails instead of silently loading nothing.
+    """
+    if uses_deepspeed(accelerator):
+        accelerator.load_state(str(path), load_module_strict=False)
+        return
+    from safetensors import safe_open
+
+    weights = Path(path) / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as saved:
+        stray = sorted(k for k in saved.keys() if k.removeprefix("module.") not in trainable_names(accelerator, model))
+    if stray:
+        raise ValueError(f"{weights}: {len(stray)} saved tensors are not trainable parameters of this model (first: {stray[0]!r})")
+    accelerator.load_state(str(path), strict=False)
+
+
+def trainable_names(accelerator, model: nn.Module) -> set[str]:
+    return {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def end_of_run() -> None:
+    """Barrier, then tear down the process group; skipping this aborts ~1 run in 9 at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

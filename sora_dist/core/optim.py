@@ -1,0 +1,312 @@
+"""SoRAOptimizer: AdamW for the adapter weights, a proximal step for the gates (docs/method.md).
+
+Every operation on a gate is elementwise, so ``step()`` is equally correct on whole tensors (single
+process, DDP, ZeRO-0) and on the flat fp32 shards that DeepSpeed ZeRO-1/2/3 puts in a group's
+``params`` (it keeps the group's other keys). The gradient it reads is whatever the backend left in
+``.grad`` after averaging and clipping, so every replica takes the same step with no extra
+communication.
+
+The gate-group contract. The gates live in their own param group, marked by ``GATE_FLAG``; what
+the gate step reads from that group is named by the constants below, and only the functions of
+this module write them: :func:`sora_param_groups` builds the groups, :func:`set_lambda` sets λ
+(and budget mode's keep count) before a step, :func:`scale_learning_rates` applies the lr
+schedule, :func:`mark_sharded` tells the step that it sees ZeRO shards, and :func:`last_lambda`
+reads back the λ the last step used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GATE_UPDATES, THRESHOLDS
+from .inject import sora_modules
+
+GATE_FLAG = "sora_gate"  # marks the gate group; survives DeepSpeed's regrouping into flat shards
+GATE_UPDATE = "gate_update"  # prox_adam | prox_sgd
+THRESHOLD = "threshold"  # lr_scaled (τ = η·λ) | fixed (τ = λ)
+LAMBDA = "prox_lambda"  # λ of the next step (the cap λ_max in budget mode)
+KEEP = "prox_keep"  # budget mode: gates left non-zero after the next step; absent or None otherwise
+TAU = "prox_tau"  # budget mode: the τ the last step used (a 0-d tensor: no host sync), written by step()
+SHARDED = "gate_sharded"  # each rank steps a shard of the gates (ZeRO-1/2/3): budget mode gathers |z|
+PEAK_LR = "peak_lr"  # the group's learning rate before the schedule's factor
+
+def prox_threshold(lr: float, prox_lambda: float, threshold: str) -> float:
+    """τ of the soft-threshold: η·λ for ``lr_scaled`` (the paper), ξ = λ for ``fixed``."""
+    return lr * prox_lambda if threshold == "lr_scaled" else prox_lambda
+
+
+def soft_threshold_(gate: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """In place S_τ(z) = sign(z) · max(|z| − τ, 0)."""
+    return gate.copy_(_shrink(gate, tau)) if torch.is_tensor(tau) or tau > 0 else gate
+
+
+def _shrink(z: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    if torch.is_tensor(tau):  # softshrink takes only a Python float
+        return z.sign() * (z.abs() - tau.to(z.dtype)).clamp_min(0)
+    return F.softshrink(z, tau)
+
+
+class SoRAOptimizer(torch.optim.Optimizer):
+    """One optimizer for a SoRA model; build its groups with :func:`sora_param_groups`.
+
+    Non-gate groups take a decoupled-weight-decay Adam step (AdamW). Gate groups
+    (``sora_gate=True``) take ``prox_adam`` (Adam moments, bias-corrected, then S_τ) or
+    ``prox_sgd`` (g − η∇g, then S_τ), never with weight decay.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        if lr < 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            **{GATE_FLAG: False, GATE_UPDATE: "prox_adam", THRESHOLD: "lr_scaled", LAMBDA: 0.0},
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (``__init__`` adds each of its groups here too) and validate its settings."""
+        super().add_param_group(param_group)
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
+        try:
+            _check_group(group, index)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group[GATE_FLAG]:
+                self._gate_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _adam_state(self, param: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Advance ``param``'s step count; return (exp_avg, exp_avg_sq, -lr / bias1, sqrt(bias2))."""
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        bias1 = 1 - beta1 ** state["step"]
+        bias2 = 1 - beta2 ** state["step"]
+        return state["exp_avg"], state["exp_avg_sq"], -group["lr"] / bias1, math.sqrt(bias2)
+
+    def _adam_update_(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> None:
+        """Bias-corrected Adam on a list of tensors, the single-tensor formula of torch AdamW:
+
+            m <- lerp(m, g, 1 - beta1);  v <- beta2 v + (1 - beta2) g^2
+            p <- p - lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps)
+
+        as ``torch._foreach_*`` ops: a few multi-tensor kernels on CUDA instead of ~8 launches per
+        tensor; on CPU they run the same per-tensor kernels (bit-identical results). Each tensor
+        keeps its own step count (a parameter that missed a step has its own bias correction).
+        """
+        exp_avgs, exp_avg_sqs, step_sizes, bias2_sqrts = zip(*(self._adam_state(p, group) for p in params))
+        exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
+        beta1, beta2 = group["betas"]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, list(bias2_sqrts))
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avgs, denom, list(step_sizes))
+
+    def _adamw_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        self._adam_update_(params, [p.grad for p in params], group)
+
+    def _gate_step(self, group: dict) -> None:
+        tau = prox_threshold(group["lr"], group[LAMBDA], group[THRESHOLD])
+        gates = [g for g in group["params"] if g.grad is not None]
+        if not gates:
+            return
+        grads = [g.grad for g in gates]
+        if group[GATE_UPDATE] == "prox_adam":
+            self._adam_update_(gates, grads, group)
+        else:
+            torch._foreach_add_(gates, grads, alpha=-group["lr"])
+        if group.get(KEEP) is not None:
+            # Budget mode: the smallest τ (at most the one above) that leaves KEEP gates alive.
+            tau = torch.clamp(keep_threshold(gates, group[KEEP], group.get(SHARDED, False)), max=tau)
+            group[TAU] = tau
+        soft_threshold_all_(gates, tau)
+
+
+def effective_lambda(group: dict) -> float:
+    """The λ a gate group's last step used: in budget mode τ/η (τ for the fixed threshold), else its λ."""
+    tau = group.get(TAU)
+    if tau is None:
+        return float(group[LAMBDA])
+    if group[THRESHOLD] == "fixed":
+        return float(tau)
+    return float(tau) / group["lr"] if group["lr"] > 0 else 0.0
+
+
+def keep_threshold(gates: list[torch.Tensor], keep: int, sharded: bool = False) -> torch.Tensor:
+    """The smallest τ for which S_τ leaves at most ``keep`` of the ``gates`` non-zero (ties all die).
+
+    That is the (keep+1)-th largest |z| over every gate element, 0 when at most ``keep`` are
+    non-zero. With ``sharded`` (DeepSpeed ZeRO-1/2/3, where each rank steps a shard of the gate
+    group) the |z| of every rank's shard are gathered first: two small collectives, the only ones
+    the gate update ever issues, and only in budget mode. A 0-d tensor, so no host sync.
+    """
+    values = torch.cat([g.detach().reshape(-1).abs() for g in gates])
+    if sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        values = _gather_shards(values)
+    if keep >= values.numel():
+        return values.new_zeros(())
+    return torch.kthvalue(values.float(), values.numel() - keep).values
+
+
+def _gather_shards(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values`` concatenated (shards may differ in length: padded with zeros, which
+    count as dead gates)."""
+    import torch.distributed as dist
+
+    size = torch.tensor([values.numel()], device=values.device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    padded = torch.zeros(int(size), dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    pieces = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, padded)
+    return torch.cat(pieces)
+
+
+def soft_threshold_all_(gates: list[torch.Tensor], tau: float | torch.Tensor) -> None:
+    """:func:`soft_threshold_` on every tensor of ``gates``; one elementwise kernel when they share a
+    device and dtype (the gates are concatenated, thresholded and copied back), not one per gate.
+    ``tau`` may be a 0-d tensor (budget mode), so that no host sync is needed."""
+    if not gates or (not torch.is_tensor(tau) and tau <= 0):
+        return
+    first = gates[0]
+    if len(gates) == 1 or any(g.device != first.device or g.dtype != first.dtype for g in gates):
+        for gate in gates:
+            soft_threshold_(gate, tau)
+        return
+    shrunk = _shrink(torch.cat([g.reshape(-1) for g in gates]), tau)
+    pieces = [piece.view_as(g) for piece, g in zip(shrunk.split([g.numel() for g in gates]), gates)]
+    torch._foreach_copy_(gates, pieces)
+
+
+def _check_group(group: dict, index: int) -> None:
+    if group["lr"] < 0:
+        raise ValueError(f"param group {index}: learning rate (lr) must be >= 0, got {group['lr']}")
+    if group[GATE_FLAG]:
+        _check_gate_group(group, index)
+
+
+def _check_gate_group(group: dict, index: int) -> None:
+    where = f"param group {index} ({GATE_FLAG})"
+    if group[GATE_UPDATE] not in GATE_UPDATES:
+        raise ValueError(f"{where}: gate_update must be one of {GATE_UPDATES}, got {group[GATE_UPDATE]!r}")
+    if group[THRESHOLD] not in THRESHOLDS:
+        raise ValueError(f"{where}: threshold must be one of {THRESHOLDS}, got {group[THRESHOLD]!r}")
+    if not group[LAMBDA] >= 0:
+        raise ValueError(f"{where}: {LAMBDA} (λ) must be >= 0, got {group[LAMBDA]}")
+    if group["weight_decay"] != 0:
+        raise ValueError(f"{where}: weight decay never applies to gates; got weight_decay={group['weight_decay']}")
+
+
+def sora_param_groups(
+    model: nn.Module,
+    lr: float,
+    gate_lr: float | None = None,
+    weight_decay: float = 0.0,
+    lambda_: float = 0.0,
+    gate_update: str = "prox_adam",
+    threshold: str = "lr_scaled",
+) -> list[dict]:
+    """Param groups for :class:`SoRAOptimizer`: adapters (with decay), 1-d extras (no decay), gates.
+
+    "Extras" are the trainable parameters that are not SoRA weights (e.g. a classifier head kept
+    by ``modules_to_save``); their biases and norms get no weight decay, as is customary.
+    """
+    gate_ids = {id(m.gate) for _, m in sora_modules(model)}
+    if not gate_ids:
+        raise ValueError("the model has no SoRA modules; call inject_sora(model, SoRAConfig(...)) first")
+    gates, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in gate_ids:
+            gates.append(param)
+        elif param.ndim >= 2 or name.endswith(("lora_A", "lora_B")):
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    gate_lr = lr if gate_lr is None else gate_lr
+    groups = [
+        {"params": decay, "lr": lr, PEAK_LR: lr, "weight_decay": weight_decay, "group_name": "adapter"},
+        {"params": no_decay, "lr": lr, PEAK_LR: lr, "weight_decay": 0.0, "group_name": "adapter_no_decay"},
+        {
+            "params": gates,
+            "lr": gate_lr,
+            PEAK_LR: gate_lr,
+            "weight_decay": 0.0,
+            GATE_FLAG: True,
+            GATE_UPDATE: gate_update,
+            THRESHOLD: threshold,
+            LAMBDA: lambda_,
+            "group_name": "gate",
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def gate_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The gate groups of an optimizer (also through DeepSpeed or Accelerate wrappers)."""
+    groups = [g for g in optimizer.param_groups if g.get(GATE_FLAG)]
+    if not groups:
+        raise ValueError(f"the optimizer has no SoRA gate group (a param group with {GATE_FLAG}=True)")
+    return groups
+
+
+def set_lambda(optimizer: torch.optim.Optimizer, lambda_: float, keep: int | None = None) -> None:
+    """λ for the next step, and in budget mode how many gates it leaves non-zero (``keep``)."""
+    for group in gate_groups(optimizer):
+        group[LAMBDA] = lambda_
+        group[KEEP] = keep
+
+
+def last_lambda(optimizer: torch.optim.Optimizer) -> float:
+    """The λ the last step used (in budget mode the one its threshold amounted to)."""
+    return effective_lambda(gate_groups(optimizer)[0])
+
+
+def mark_sharded(optimizer: torch.optim.Optimizer, sharded: bool) -> None:
+    """Tell the gate step whether each rank steps only a shard of the gates (ZeRO-1/2/3)."""
+    for group in gate_groups(optimizer):
+        group[SHARDED] = sharded
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group (gates included) at ``factor`` times its own peak learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault(PEAK_LR, group["lr"]) * factor
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(adapter lr, gate lr) of the current step."""
+    gate = gate_groups(optimizer)[0]
+    adapter = next((g for g in optimizer.param_groups if not g.get(GATE_FLAG)), gate)
+    return adapter["lr"], gate["lr"]

@@ -1,0 +1,74 @@
+"""The ``train`` section of a run: every value checked here, before anything heavy loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..core.config import GATE_UPDATES, THRESHOLDS
+from ..options import ConfigError, choice, option
+from ..sparsity.config import LAMBDA_KINDS
+
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run. Batch sizes are per rank; steps count optimizer steps."""
+
+    steps: int = option(100, "optimizer steps (not micro-batches)")
+    micro_batch_size: int = option(8, "examples per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x processes")
+    lr: float = option(2e-4, "peak learning rate of A, B (and modules_to_save)")
+    gate_lr: float | None = option(
+        None, "peak learning rate of the gates (default: train.lr; in budget mode one chosen from the budget, see sparsity_budget.lambda_max)"
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay of A and B (never the gates)")
+    warmup_steps: int = option(0, "linear warm-up steps of both learning rates")
+    lr_decay: str = option("linear", "constant | linear | cosine decay after warm-up")
+    max_grad_norm: float = option(1.0, "global gradient-norm clipping (0 = off)")
+    gate_update: str = option("prox_adam", "prox_adam (released code) | prox_sgd (paper)")
+    threshold: str = option("lr_scaled", "lr_scaled (tau = lr x lambda, the paper) | fixed (tau = lambda)")
+    lambda_kind: str = option("constant", "constant | linear | geometric ramp of lambda")
+    lambda_start: float = option(
+        0.0, "sparsity strength lambda at step 0 (prox_adam + lr_scaled: lambda > 1 eventually kills every gate)"
+    )
+    lambda_end: float | None = option(None, "lambda at the end of the ramp")
+    lambda_steps: int = option(0, "optimizer steps of the ramp")
+    seed: int = option(0, "seed of the adapters, data order and dropout")
+    output_dir: str | None = option(None, "where checkpoints, metrics.jsonl, the adapter and the reports go (under runs/)")
+    save_every: int = option(0, "checkpoint every N steps (0 = never); written atomically")
+    keep_checkpoints: int = option(2, "how many checkpoints to keep")
+    resume: bool = option(True, "continue from the newest checkpoint in output_dir if there is one")
+    log_every: int = option(10, "log loss, lr, lambda and live ranks every N steps")
+    eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
+
+    def __post_init__(self):
+        for key in ("steps", "micro_batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "weight_decay", "max_grad_norm", "lambda_start", "gate_lr", "lambda_end"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"TrainConfig.{key} must be a finite number >= 0, got {value}")
+        for key in ("save_every", "log_every", "eval_every", "lambda_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"TrainConfig.{key} must be >= 0, got {getattr(self, key)}")
+        choice("TrainConfig.lr_decay", self.lr_decay, LR_DECAYS)
+        choice("TrainConfig.gate_update", self.gate_update, GATE_UPDATES)
+        choice("TrainConfig.threshold", self.threshold, THRESHOLDS)
+        choice("TrainConfig.lambda_kind", self.lambda_kind, LAMBDA_KINDS)
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"TrainConfig.keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
+        if self.save_every and not self.output_dir:
+            raise ConfigError("TrainConfig.save_every needs an output_dir to write checkpoints to")
+        self._check_lambda_ramp()
+
+    def _check_lambda_ramp(self) -> None:
+        end = self.lambda_start if self.lambda_end is None else self.lambda_end
+        if self.lambda_kind == "geometric" and not (self.lambda_start > 0 and end > 0):
+            raise ConfigError(f"TrainConfig.lambda_start: a geometric lambda ramp needs lambda_start > 0 and lambda_end > 0, got {self.lambda_start}, {end}")
+        if self.lambda_kind != "constant" and self.lambda_steps < 1:
+            raise ConfigError(f"TrainConfig.lambda_steps: a {self.lambda_kind} lambda ramp needs lambda_steps >= 1, got {self.lambda_steps}")

@@ -1,0 +1,53 @@
+"""The NaN guard: a non-finite loss stops every rank before anything is written from that state."""
+
+from __future__ import annotations
+
+import torch
+
+from ..deploy.layout import latest_checkpoint
+from .config import TrainConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the run stopped before writing anything from that state."""
+
+
+class FiniteGuard:
+    """Remembers, on the device, the first optimizer step whose loss was NaN or inf.
+
+    :meth:`observe` runs every step without a host sync or a collective; :meth:`check` (one scalar
+    all-reduce and one sync) runs before anything is logged, evaluated or written, so a checkpoint
+    or adapter is never made from a broken state and every rank stops together.
+    """
+
+    def __init__(self, accelerator, config: TrainConfig):
+        self.accelerator, self.config = accelerator, config
+        self.first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where((self.first_bad == 0) & bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, step: int) -> None:
+        never = torch.full_like(self.first_bad, self.config.steps + 1)
+        first = torch.where(self.first_bad > 0, self.first_bad, never)
+        if self.accelerator.num_processes > 1:
+            first = -self.accelerator.reduce(-first, reduction="max")  # the earliest over all ranks
+        first = int(first.item())
+        if first <= self.config.steps:
+            last = latest_checkpoint(self.config.output_dir) if self.config.output_dir else None
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise NonFiniteLoss(
+                f"loss is not finite since optimizer step {first}; at step {step}: stopping; {where}. "
+                "Lower train.lr or train.max_grad_norm (or check the data) and resume"
+            )
+
+
+def guard_due(step: int, config: TrainConfig, evaluating: bool) -> bool:
+    """Steps at which the loop logs, evaluates, saves or ends: the FiniteGuard checks there."""
+    return (
+        step == config.steps
+        or bool(config.log_every and step % config.log_every == 0)
+        or bool(evaluating and config.eval_every and step % config.eval_every == 0)
+        or bool(config.save_every and step % config.save_every == 0)
+    )

@@ -1,0 +1,148 @@
+"""The SoRA training loop: the same code under plain PyTorch, DDP and DeepSpeed ZeRO-0/1/2/3.
+
+One optimizer step = ``grad_accum`` micro-batches on every rank. The learning rate and λ follow
+optimizer steps, never micro-batches. The gates are updated inside ``SoRAOptimizer.step()``, which
+every backend calls after averaging and clipping the gradients (see backends/accelerate.py).
+
+    accelerator = build_accelerator(ds_config="ds_configs/zero2.json", mixed_precision="bf16")
+    model = AutoModelForCausalLM.from_pretrained(...)   # after the Accelerator: ZeRO-3 loads partitioned
+    inject_sora(model, SoRAConfig(r=8))
+    train(model, dataset, TrainConfig(steps=1000, lambda_start=0.1), accelerator)
+
+``sora-train`` (sora_dist/recipe.py) composes this with data, model loading and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..backends import accelerate as engine
+from ..core.optim import SoRAOptimizer, sora_param_groups
+from ..data.collate import stack_collate
+from ..deploy.io import save_sora
+from ..deploy.layout import adapter_dir, latest_checkpoint
+from ..sparsity.controller import LambdaController
+from ..sparsity.schedule import LambdaSchedule
+from .batches import ShardedBatches
+from .checkpoint import resume, run_state, save_checkpoint
+from .config import TrainConfig
+from .guard import FiniteGuard, guard_due
+from .lr import set_learning_rates
+from .progress import Progress, train_metrics, write_final_report
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> SoRAOptimizer:
+    groups = sora_param_groups(
+        model,
+        lr=config.lr,
+        gate_lr=config.gate_lr,
+        weight_decay=config.weight_decay,
+        lambda_=config.lambda_start,
+        gate_update=config.gate_update,
+        threshold=config.threshold,
+    )
+    return SoRAOptimizer(groups, lr=config.lr)
+
+
+def lambda_schedule(config: TrainConfig) -> LambdaSchedule:
+    """The λ ramp of ``config.lambda_*``."""
+    return LambdaSchedule(config.lambda_kind, config.lambda_start, config.lambda_end, config.lambda_steps)
+
+
+def optimizer_step(model, optimizer, batches: ShardedBatches, step: int, accelerator, config: TrainConfig) -> torch.Tensor:
+    """Run the ``grad_accum`` micro-batches of one optimizer step; returns this rank's mean loss.
+
+    Under DeepSpeed the last ``accelerator.backward`` performs the step (averaging, clipping, our
+    ``SoRAOptimizer.step``); ``optimizer.step()`` is then a no-op. Elsewhere DDP averages during the
+    last backward and ``optimizer.step()`` runs after clipping.
+    """
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(config.grad_accum):
+        batch = engine.to_device(batches(step, micro), accelerator)
+        with accelerator.accumulate(model):
+            if accelerator.sync_gradients != (micro == config.grad_accum - 1):
+                raise RuntimeError(
+                    f"Accelerate's accumulation counter is out of step with the loop at step {step}, micro-batch {micro}: "
+                    "build the Accelerator with gradient_accumulation_steps=TrainConfig.grad_accum and call "
+                    "accelerator.accumulate() nowhere else"
+                )
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                engine.clip_gradients(accelerator, model, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+        total += loss.detach().float()
+    return total / config.grad_accum
+
+
+def train(
+    model: nn.Module,
+    dataset,
+    config: TrainConfig,
+    accelerator,
+    on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
+    collate_fn: Callable[[Sequence[dict]], dict] = stack_collate,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    lambdas: LambdaController | None = None,
+):
+    """Train the SoRA adapter of ``model`` on ``dataset`` (a sequence of example dicts).
+
+    Resumes from the newest checkpoint in ``config.output_dir`` when one exists and
+    ``config.resume``; writes checkpoints every ``save_every`` steps, and at the end the adapter
+    (``output_dir/adapter``), ``sparsity.json`` and ``rank_heatmap.png``. ``collate_fn`` turns a
+    micro-batch of examples into tensors; ``evaluate(model) -> metrics`` runs on every rank every
+    ``eval_every`` steps and at the end. ``on_step(step, model, optimizer)`` runs after each
+    optimizer step on every rank. A NaN/inf loss stops the run (:class:`NonFiniteLoss`). Returns
+    the backend-wrapped (model, optimizer). ``lambdas`` replaces the ramp of ``config.lambda_*``:
+    any LambdaController, e.g. a BudgetController (λ chosen from the live count).
+    """
+    if accelerator.gradient_accumulation_steps != config.grad_accum:
+        raise ValueError(
+            f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+            f"TrainConfig.grad_accum is {config.grad_accum}: pass grad_accum= to build_accelerator"
+        )
+    optimizer = build_optimizer(model, config)
+    lambdas = lambda_schedule(config) if lambdas is None else lambdas
+    model, wrapped = engine.prepare(accelerator, model, optimizer, config.micro_batch_size, config.max_grad_norm)
+    batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed, collate_fn)
+    step = 0
+    found = latest_checkpoint(config.output_dir) if config.output_dir and config.resume else None
+    if found is not None:
+        step = resume(found, accelerator, model, lambdas, batches, config)
+        if accelerator.is_main_process:
+            print(f"resumed from {found} at step {step}", flush=True)
+    progress = Progress(accelerator, config, step)
+    guard = FiniteGuard(accelerator, config)
+    try:
+        while step < config.steps:
+            set_learning_rates(optimizer, step, config)
+            lambdas.apply(optimizer)
+            loss = optimizer_step(model, wrapped, batches, step, accelerator, config)
+            lambdas.step(optimizer)
+            step += 1
+            guard.observe(loss, step)
+            if guard_due(step, config, evaluate is not None):
+                guard.check(step)
+            progress.bar.update(1)
+            if config.log_every and (step % config.log_every == 0 or step == config.steps):
+                progress.record(step, "train", train_metrics(accelerator, model, optimizer, loss))
+            if evaluate is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                progress.record(step, "eval", evaluate(model))
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                save_checkpoint(accelerator, model, config.output_dir, run_state(step, lambdas, batches, accelerator, config), config.keep_checkpoints)
+            if on_step is not None:
+                on_step(step, model, wrapped)
+        if evaluate is not None:
+            progress.record(step, "eval", evaluate(model))
+    finally:
+        progress.close()
+    if config.output_dir:
+        save_sora(accelerator.unwrap_model(model), adapter_dir(config.output_dir), extra={"train": dataclasses.asdict(config)})
+        write_final_report(accelerator, model, Path(config.output_dir))
+    return model, wrapped
