@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .backends.accelerate import cpu_only
+from .deploy.io import auto_class
 
 TASKS = ("causal_lm", "sequence_classification")
 
@@ -33,15 +34,6 @@ def bnb_config(quantization: str, quant_type: str = "nf4", double_quant: bool = 
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=storage_dtype or compute_dtype,
     )
-
-
-def auto_class(task: str | None):
-    """The transformers Auto class of a task (``causal_lm`` when unknown)."""
-    import transformers
-
-    if task == "sequence_classification":
-        return transformers.AutoModelForSequenceClassification
-    return transformers.AutoModelForCausalLM
 
 
 def resolve_model_path(path: str) -> str:

@@ -5,7 +5,7 @@
 - ``bnb``: bitsandbytes 4-bit and 8-bit layers;
 - ``zero``: DeepSpeed ZeRO-3 partitioned parameters (gather, full size);
 - ``dtypes``: the one vocabulary of dtype names;
-- ``accelerate``: the Accelerate/DeepSpeed engine around a SoRAOptimizer (prepare, clip,
-  checkpoints, CPU workarounds). The only module here that knows SoRA: it checks that the engine
-  steps our optimizer.
+- ``accelerate``: the Accelerate/DeepSpeed engine (prepare, clip, checkpoints, CPU workarounds).
+
+Nothing here knows about SoRA: ``core`` builds on these.
 """

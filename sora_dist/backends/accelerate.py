@@ -3,7 +3,7 @@
 The SoRA math never changes between backends. What changes is where tensors live and who steps
 the optimizer:
 
-- plain PyTorch and DDP: ``optimizer.step()`` runs :class:`~sora_dist.core.optim.SoRAOptimizer` on whole
+- plain PyTorch and DDP: ``optimizer.step()`` runs the SoRA optimizer on whole
   tensors after DDP averaged the gradients and we clipped them;
 - DeepSpeed: ``accelerator.backward()`` runs the engine's step, which averages (all-reduce or
   reduce-scatter), clips, and then calls our optimizer's ``step()`` on whole tensors (ZeRO-0) or on
@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.optim import GATE_FLAG, SoRAOptimizer, mark_sharded
 from .dtypes import MIXED_PRECISIONS
 
 
@@ -148,16 +147,12 @@ def fill_deepspeed_config(accelerator, micro_batch_size: int, max_grad_norm: flo
             )
 
 
-def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, micro_batch_size: int, max_grad_norm: float):
-    """``accelerator.prepare`` for a SoRA model and its optimizer, with the backend checks.
+def prepare(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int, max_grad_norm: float):
+    """``accelerator.prepare`` with the DeepSpeed config filled from the training settings.
 
-    Returns (model, optimizer) as the backend wraps them. Fails loudly if the optimizer that the
-    backend will step is not our SoRAOptimizer or lost its gate group: the released SoRA code
-    trained with its gate optimizer silently never stepped under DeepSpeed.
+    Returns (model, optimizer) as the backend wraps them; the optimizer the backend will step is
+    :func:`client_optimizer` of the wrapped one.
     """
-    if not isinstance(optimizer, SoRAOptimizer):
-        raise TypeError(f"prepare() needs a SoRAOptimizer (the gates are updated inside its step()), got {type(optimizer).__name__}")
-    mark_sharded(optimizer, bool(zero_stage(accelerator)))
     if uses_deepspeed(accelerator):
         fill_deepspeed_config(accelerator, micro_batch_size, max_grad_norm)
         if zero_stage(accelerator) == 0 and engine_dtype(accelerator) == torch.bfloat16 and accelerator.is_main_process:
@@ -166,39 +161,28 @@ def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, micro_batch
                 "in bf16, where small steps round away. Use ZeRO-1 (ds_configs/zero1.json) or DDP with bf16 autocast.",
                 stacklevel=2,
             )
-    model, wrapped = accelerator.prepare(model, optimizer)
-    stepped = client_optimizer(wrapped)
-    if stepped is not optimizer:
-        raise RuntimeError(
-            f"the {backend_name(accelerator)} backend replaced the SoRA optimizer by {type(stepped).__name__}; the "
-            "gates would never be thresholded. With ZeRO-Offload set \"zero_force_ds_cpu_optimizer\": false in the DeepSpeed config"
-        )
-    if not gate_shard_numel(wrapped, stepped):
-        raise RuntimeError(
-            f"the {backend_name(accelerator)} backend gives the SoRA optimizer no gate to step on rank "
-            f"{accelerator.process_index}: its gate group ({GATE_FLAG}=True) is missing or empty"
-        )
-    return model, wrapped
+    return accelerator.prepare(model, optimizer)
 
 
-def gate_shard_numel(wrapped, optimizer: SoRAOptimizer) -> int:
-    """How many gate elements this rank's optimizer steps (its shard under ZeRO-1/2/3).
+def shard_numel(wrapped, optimizer: torch.optim.Optimizer, group_indices: set[int]) -> int:
+    """How many elements of the param groups ``group_indices`` this rank's optimizer steps (its
+    shard under ZeRO-1/2/3).
 
     ZeRO-3 puts a group's flat fp32 shard into ``params`` only while it steps, so there the shard
     is found through DeepSpeed's sub-group table instead.
     """
-    gate_indices = {i for i, g in enumerate(optimizer.param_groups) if g.get(GATE_FLAG)}
     zero3 = getattr(wrapped, "optimizer", None)
     table = getattr(zero3, "sub_group_to_group_id", None)
     if table is not None:
         shards = zero3.fp32_partitioned_groups_flat
-        return sum(shards[sub].numel() for sub, group in table.items() if group in gate_indices)
-    return sum(p.numel() for i in gate_indices for p in optimizer.param_groups[i]["params"])
+        return sum(shards[sub].numel() for sub, group in table.items() if group in group_indices)
+    return sum(p.numel() for i in group_indices for p in optimizer.param_groups[i]["params"])
 
 
 def client_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The innermost optimizer under Accelerate's and DeepSpeed's wrappers (ours, if all is well)."""
-    while not isinstance(optimizer, SoRAOptimizer) and hasattr(optimizer, "optimizer"):
+    """The innermost optimizer under Accelerate's and DeepSpeed's wrappers (each holds the next one
+    as ``.optimizer``): the one whose ``step()`` really runs."""
+    while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 

@@ -74,6 +74,15 @@ def model_task(model: nn.Module) -> str | None:
     return None
 
 
+def auto_class(task: str | None):
+    """The transformers Auto class of a task (``causal_lm`` when unknown): the inverse of :func:`model_task`."""
+    import transformers
+
+    if task == "sequence_classification":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
+
+
 def base_quantization(model: nn.Module) -> dict | None:
     """The base's quantization settings (bitsandbytes 4/8-bit), as transformers recorded them."""
     quant = getattr(getattr(model, "config", None), "quantization_config", None)

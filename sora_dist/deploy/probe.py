@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import auto_class
-from .io import apply_adapter
+from .io import apply_adapter, auto_class
 
 PROBES = (
     "The capital of France is",

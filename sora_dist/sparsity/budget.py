@@ -42,7 +42,7 @@ from ..backends.zero import gathered
 from ..core.inject import sora_modules
 from ..core.optim import last_lambda, set_lambda
 from ..core.report import sparsity_report
-from .config import TRAJECTORIES, UNITS
+from .config import UNITS, check_budget
 
 
 class BudgetController:
@@ -54,14 +54,7 @@ class BudgetController:
     """
 
     def __init__(self, model: nn.Module, target: float, by_step: int, unit: str = "live_ranks", lambda_max: float = 2.0, trajectory: str = "cubic"):  # fmt: skip
-        if target < 0:
-            raise ValueError(f"budget target must be >= 0, got {target}")
-        if by_step < 1:
-            raise ValueError(f"budget by_step must be >= 1, got {by_step}")
-        if not lambda_max > 0:
-            raise ValueError(f"budget lambda_max must be > 0, got {lambda_max}")
-        if trajectory not in TRAJECTORIES:
-            raise ValueError(f"budget trajectory must be one of {TRAJECTORIES}, got {trajectory!r}")
+        check_budget(target, by_step, lambda_max, trajectory)
         if unit not in UNITS:
             raise ValueError(f"budget unit must be one of {UNITS}, got {unit!r}")
         self.model, self.target, self.by_step, self.unit = model, float(target), int(by_step), unit

@@ -5,6 +5,7 @@ staged Algorithm 1, run by :mod:`sora_dist.training.stages`) and ``sparsity_budg
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..options import ConfigError, choice, option
 
@@ -12,6 +13,29 @@ LAMBDA_KINDS = ("constant", "linear", "geometric")
 STAGE_KINDS = ("linear", "geometric", "list")
 TRAJECTORIES = ("cubic", "linear")
 UNITS = ("live_ranks", "adapter_params")
+
+
+def check_lambda_ramp(kind: str, start: float, end: float | None, steps: int, key: str = "lambda") -> None:
+    """A λ ramp that can run: a known kind, finite λ >= 0, > 0 for a geometric ramp, steps for a ramp."""
+    choice(f"{key}_kind", kind, LAMBDA_KINDS)
+    end = start if end is None else end
+    if not (math.isfinite(start) and math.isfinite(end) and start >= 0 and end >= 0):
+        raise ConfigError(f"{key}_start: lambda must be >= 0 and finite, got start={start}, end={end}")
+    if kind == "geometric" and not (start > 0 and end > 0):
+        raise ConfigError(f"{key}_start: a geometric lambda ramp needs start > 0 and end > 0, got start={start}, end={end}")
+    if kind != "constant" and steps < 1:
+        raise ConfigError(f"{key}_steps: a {kind} lambda ramp needs steps >= 1, got {steps}")
+
+
+def check_budget(target: float, by_step: int, lambda_max: float, trajectory: str) -> None:
+    """Budget-mode values that can run (the target in either unit)."""
+    if not target >= 0:
+        raise ConfigError(f"target: budget target must be >= 0, got {target}")
+    if by_step < 1:
+        raise ConfigError(f"by_step: required: the optimizer step by which to reach the target (>= 1), got {by_step}")
+    if not 0 < lambda_max <= 10:
+        raise ConfigError(f"lambda_max: must be in (0, 10] (prox_adam + lr_scaled: 1.5-3), got {lambda_max}")
+    choice("trajectory", trajectory, TRAJECTORIES)
 
 
 @dataclasses.dataclass
@@ -106,12 +130,7 @@ class SparsityBudget:
     def __post_init__(self):
         if (self.target_rank is None) == (self.target_params is None):
             raise ConfigError("target_rank: give exactly one of target_rank (average live rank per module) or target_params")
-        if self.target_rank is not None and not self.target_rank >= 0:
-            raise ConfigError(f"target_rank: must be >= 0, got {self.target_rank}")
-        if self.target_params is not None and self.target_params < 0:
-            raise ConfigError(f"target_params: must be >= 0, got {self.target_params}")
-        if self.by_step < 1:
-            raise ConfigError(f"by_step: required: the optimizer step by which to reach the target (>= 1), got {self.by_step}")
-        if not 0 < self.lambda_max <= 10:
-            raise ConfigError(f"lambda_max: must be in (0, 10] (prox_adam + lr_scaled: 1.5-3), got {self.lambda_max}")
-        choice("trajectory", self.trajectory, TRAJECTORIES)
+        unit, target = ("target_rank", self.target_rank) if self.target_params is None else ("target_params", self.target_params)
+        if not target >= 0:
+            raise ConfigError(f"{unit}: must be >= 0, got {target}")
+        check_budget(target, self.by_step, self.lambda_max, self.trajectory)

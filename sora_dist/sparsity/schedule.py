@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..core.optim import set_lambda
-from .config import LAMBDA_KINDS
+from .config import check_lambda_ramp
 
 
 class LambdaSchedule:
@@ -16,15 +16,8 @@ class LambdaSchedule:
     """
 
     def __init__(self, kind: str = "constant", start: float = 0.0, end: float | None = None, steps: int = 0):
-        if kind not in LAMBDA_KINDS:
-            raise ValueError(f"lambda schedule kind must be one of {LAMBDA_KINDS}, got {kind!r}")
+        check_lambda_ramp(kind, start, end, steps)
         end = start if end is None else end
-        if not (start >= 0 and end >= 0 and math.isfinite(start) and math.isfinite(end)):
-            raise ValueError(f"lambda must be >= 0 and finite, got start={start}, end={end}")
-        if kind == "geometric" and (start <= 0 or end <= 0):
-            raise ValueError(f"a geometric lambda ramp needs start > 0 and end > 0, got start={start}, end={end}")
-        if kind != "constant" and steps < 1:
-            raise ValueError(f"a {kind} lambda ramp needs steps >= 1, got {steps}")
         self.kind, self.start, self.end, self.steps = kind, float(start), float(end), int(steps)
         self.step_count = 0
 

@@ -7,7 +7,7 @@ import math
 
 from ..core.config import GATE_UPDATES, THRESHOLDS
 from ..options import ConfigError, choice, option
-from ..sparsity.config import LAMBDA_KINDS
+from ..sparsity.config import check_lambda_ramp
 
 LR_DECAYS = ("constant", "linear", "cosine")
 
@@ -46,29 +46,21 @@ class TrainConfig:
     def __post_init__(self):
         for key in ("steps", "micro_batch_size", "grad_accum"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "max_grad_norm", "lambda_start", "gate_lr", "lambda_end"):
+                raise ConfigError(f"TrainConfig.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "gate_lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"TrainConfig.{key} must be a finite number >= 0, got {value}")
+                raise ConfigError(f"TrainConfig.{key}: must be a finite number >= 0, got {value}")
         for key in ("save_every", "log_every", "eval_every", "lambda_steps"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"TrainConfig.{key} must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(f"TrainConfig.{key}: must be >= 0, got {getattr(self, key)}")
         choice("TrainConfig.lr_decay", self.lr_decay, LR_DECAYS)
         choice("TrainConfig.gate_update", self.gate_update, GATE_UPDATES)
         choice("TrainConfig.threshold", self.threshold, THRESHOLDS)
-        choice("TrainConfig.lambda_kind", self.lambda_kind, LAMBDA_KINDS)
         if not 0 <= self.warmup_steps < self.steps:
-            raise ConfigError(f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+            raise ConfigError(f"TrainConfig.warmup_steps: must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if self.keep_checkpoints < 1:
-            raise ConfigError(f"TrainConfig.keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
+            raise ConfigError(f"TrainConfig.keep_checkpoints: must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
         if self.save_every and not self.output_dir:
-            raise ConfigError("TrainConfig.save_every needs an output_dir to write checkpoints to")
-        self._check_lambda_ramp()
-
-    def _check_lambda_ramp(self) -> None:
-        end = self.lambda_start if self.lambda_end is None else self.lambda_end
-        if self.lambda_kind == "geometric" and not (self.lambda_start > 0 and end > 0):
-            raise ConfigError(f"TrainConfig.lambda_start: a geometric lambda ramp needs lambda_start > 0 and lambda_end > 0, got {self.lambda_start}, {end}")
-        if self.lambda_kind != "constant" and self.lambda_steps < 1:
-            raise ConfigError(f"TrainConfig.lambda_steps: a {self.lambda_kind} lambda ramp needs lambda_steps >= 1, got {self.lambda_steps}")
+            raise ConfigError("TrainConfig.save_every: needs an output_dir to write checkpoints to")
+        check_lambda_ramp(self.lambda_kind, self.lambda_start, self.lambda_end, self.lambda_steps, key="TrainConfig.lambda")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..backends import accelerate as engine
-from ..core.optim import SoRAOptimizer, sora_param_groups
+from ..core.optim import GATE_FLAG, SoRAOptimizer, mark_sharded, sora_param_groups
 from ..data.collate import stack_collate
 from ..deploy.io import save_sora
 from ..deploy.layout import adapter_dir, latest_checkpoint
@@ -47,6 +47,37 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> SoRAOptimizer:
         threshold=config.threshold,
     )
     return SoRAOptimizer(groups, lr=config.lr)
+
+
+def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, config: TrainConfig):
+    """The backend's ``prepare`` for a SoRA model and its optimizer, with the checks that matter.
+
+    Fails loudly if the optimizer that the backend will step is not our SoRAOptimizer or lost its
+    gate group: the released SoRA code trained with its gate optimizer silently never stepped
+    under DeepSpeed.
+    """
+    if not isinstance(optimizer, SoRAOptimizer):
+        raise TypeError(f"prepare() needs a SoRAOptimizer (the gates are updated inside its step()), got {type(optimizer).__name__}")
+    mark_sharded(optimizer, bool(engine.zero_stage(accelerator)))
+    model, wrapped = engine.prepare(accelerator, model, optimizer, config.micro_batch_size, config.max_grad_norm)
+    stepped = engine.client_optimizer(wrapped)
+    backend = engine.backend_name(accelerator)
+    if stepped is not optimizer:
+        raise RuntimeError(
+            f"the {backend} backend replaced the SoRA optimizer by {type(stepped).__name__}; the gates would never "
+            'be thresholded. With ZeRO-Offload set "zero_force_ds_cpu_optimizer": false in the DeepSpeed config'
+        )
+    if not gate_shard_numel(wrapped, stepped):
+        raise RuntimeError(
+            f"the {backend} backend gives the SoRA optimizer no gate to step on rank {accelerator.process_index}: "
+            f"its gate group ({GATE_FLAG}=True) is missing or empty"
+        )
+    return model, wrapped
+
+
+def gate_shard_numel(wrapped, optimizer: SoRAOptimizer) -> int:
+    """How many gate elements this rank's optimizer steps (its shard under ZeRO-1/2/3)."""
+    return engine.shard_numel(wrapped, optimizer, {i for i, g in enumerate(optimizer.param_groups) if g.get(GATE_FLAG)})
 
 
 def lambda_schedule(config: TrainConfig) -> LambdaSchedule:
@@ -109,7 +140,7 @@ def train(
         )
     optimizer = build_optimizer(model, config)
     lambdas = lambda_schedule(config) if lambdas is None else lambdas
-    model, wrapped = engine.prepare(accelerator, model, optimizer, config.micro_batch_size, config.max_grad_norm)
+    model, wrapped = prepare(accelerator, model, optimizer, config)
     batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed, collate_fn)
     step = 0
     found = latest_checkpoint(config.output_dir) if config.output_dir and config.resume else None
