@@ -100,10 +100,13 @@ def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N before the command: pass it on after it.
+    launcher = [a for a in argv if a.startswith(("--local_rank", "--local-rank"))]
+    argv = [a for a in argv if a not in launcher]
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m sora_dist.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
-    return run(COMMANDS[argv[0]], argv[1:])
+    return run(COMMANDS[argv[0]], argv[1:] + (launcher if argv[0] == "train" else []))
 
 
 def train_entry() -> None:

@@ -131,25 +131,30 @@ def main() -> None:
     counter = CollectiveCounter()
     if args.count_collectives:
         counter.install()
-    from sora_dist import SoRAConfig, inject_sora, sora_modules
-    from sora_dist import distributed, train
-    from sora_dist.io import adapter_state
+    from helpers import model_state_bytes
     from safetensors.torch import save_file
 
-    ds_config = BACKENDS[args.backend] and distributed.load_ds_config(REPO / "ds_configs" / BACKENDS[args.backend])
+    from sora_dist import SoRAConfig, inject_sora, sora_modules
+    from sora_dist.backends import accelerate as engine
+    from sora_dist.deploy.io import adapter_state
+    from sora_dist.models import load_model
+    from sora_dist.training.config import TrainConfig
+    from sora_dist.training.loop import gate_shard_numel, train
+
+    ds_config = BACKENDS[args.backend] and engine.load_ds_config(REPO / "ds_configs" / BACKENDS[args.backend])
     for option in args.zero_option:
         key, value = option.split("=")
         ds_config["zero_optimization"][key] = int(value)
-    accelerator = distributed.build_accelerator(ds_config, args.mixed_precision, args.grad_accum)
+    accelerator = engine.build_accelerator(ds_config, args.mixed_precision, args.grad_accum)
     rank, world = accelerator.process_index, accelerator.num_processes
     four_bit = args.backend == "zero3_4bit"
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    model = train.load_causal_lm(args.model, load_in_4bit=four_bit, dtype=dtype)
+    model = load_model(args.model, "causal_lm", dtype, "4bit" if four_bit else "none", compute_dtype=dtype)
     q_proj = model.model.layers[0].self_attn.q_proj
     facts = {
         "rank": rank,
         "world_size": world,
-        "backend": distributed.backend_name(accelerator),
+        "backend": engine.backend_name(accelerator),
         "base_partitioned_at_load": hasattr(q_proj.weight, "ds_id"),
         "base_local_numel_at_load": q_proj.weight.data.numel(),
         "base_is_4bit": type(q_proj).__name__ == "Linear4bit",
@@ -161,7 +166,7 @@ def main() -> None:
             module.gate.data.fill_(1.0)
             module.gate.requires_grad_(False)
     initial_gates = {name: m.gate.detach().clone() for name, m in sora_modules(model)}
-    config = train.TrainConfig(
+    config = TrainConfig(
         steps=args.steps,
         micro_batch_size=args.micro_batch_size,
         grad_accum=args.grad_accum,
@@ -180,7 +185,7 @@ def main() -> None:
         if args.count_collectives:
             per_step.append(counter.take())
             if step == 1:
-                counter.watch_step(distributed.client_optimizer(optimizer))
+                counter.watch_step(engine.client_optimizer(optimizer))
         if step == 1:
             base = accelerator.unwrap_model(model).model.layers[0].self_attn.q_proj.base
             facts["base_local_numel_in_training"] = base.weight.data.numel()
@@ -191,7 +196,7 @@ def main() -> None:
         tick[:] = now
 
     if args.crash_in_save:
-        original = distributed.save_state
+        original = engine.save_state
 
         def save_then_die(accelerator, model, path):
             original(accelerator, model, path)
@@ -199,20 +204,20 @@ def main() -> None:
                 accelerator.wait_for_everyone()
                 os._exit(17)
 
-        distributed.save_state = save_then_die
+        engine.save_state = save_then_die
     data = token_data(seq_len=args.seq_len, vocab=model.config.vocab_size)
     if args.lora:
         model, optimizer = lora_loop(model, data, config, accelerator, on_step, counter)
     else:
         counter.active = True
-        model, optimizer = train.train(model, data, config, accelerator, on_step=on_step)
+        model, optimizer = train(model, data, config, accelerator, on_step=on_step)
     counter.active = False
-    facts["memory"] = distributed.model_state_bytes(accelerator.unwrap_model(model), optimizer)
+    facts["memory"] = model_state_bytes(accelerator.unwrap_model(model), optimizer)
     facts["step_times"] = step_times
     facts["cpu_times"] = cpu_times  # CPU seconds of this process per step: robust to other jobs on the machine
     facts["collectives"] = per_step
-    client = distributed.client_optimizer(optimizer)
-    facts["gate_shard_numel"] = distributed.gate_shard_numel(optimizer, client)
+    client = engine.client_optimizer(optimizer)
+    facts["gate_shard_numel"] = gate_shard_numel(optimizer, client)
     unwrapped = accelerator.unwrap_model(model)
     tensors = adapter_state(unwrapped)
     for name, gate in initial_gates.items():
@@ -221,26 +226,27 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
-    distributed.end_of_run()
+    engine.end_of_run()
 
 
 def lora_loop(model, data, config, accelerator, on_step, counter):
-    """The LoRA baseline: the same loop pieces as train.train, without a gate group or λ."""
-    from sora_dist import distributed, train
+    """The LoRA baseline: the same loop pieces as training.loop.train, without a gate group or λ."""
+    from sora_dist.backends import accelerate as engine
+    from sora_dist.training import batches, guard, loop, lr
 
-    optimizer = train.build_optimizer(model, config)
-    if distributed.uses_deepspeed(accelerator):
-        distributed.fill_deepspeed_config(accelerator, config.micro_batch_size, config.max_grad_norm)
+    optimizer = loop.build_optimizer(model, config)
+    if engine.uses_deepspeed(accelerator):
+        engine.fill_deepspeed_config(accelerator, config.micro_batch_size, config.max_grad_norm)
     model, wrapped = accelerator.prepare(model, optimizer)
-    batches = train.ShardedBatches(data, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed)
-    guard = train.FiniteGuard(accelerator, config)
+    micro_batches = batches.ShardedBatches(data, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed)
+    finite = guard.FiniteGuard(accelerator, config)
     counter.active = True
     for step in range(config.steps):
-        train.set_learning_rates(optimizer, step, config)
-        loss = train.optimizer_step(model, wrapped, batches, step, accelerator, config)
-        guard.observe(loss, step + 1)
-        if train.guard_due(step + 1, config, evaluating=False):
-            guard.check(step + 1)
+        lr.set_learning_rates(optimizer, step, config)
+        loss = loop.optimizer_step(model, wrapped, micro_batches, step, accelerator, config)
+        finite.observe(loss, step + 1)
+        if guard.guard_due(step + 1, config, evaluating=False):
+            finite.check(step + 1)
         on_step(step + 1, model, wrapped)
     return model, wrapped
 

@@ -3,7 +3,7 @@
 The 4-bit models are a tiny Llama saved to a temporary folder and reloaded with
 transformers.BitsAndBytesConfig(load_in_4bit=True, ...) and device_map="cpu", with float32 compute
 so that comparisons can be tight. The reference is a dense copy of the same model whose Linear
-weights are the dequantized 4-bit weights (sora_dist.quant.dense_weight): with fp32 compute a
+weights are the dequantized 4-bit weights (sora_dist.backends.linear.dense_weight): with fp32 compute a
 Linear4bit computes exactly x @ dequant(W)^T, so gradients agree to float32 summation-order
 rounding (rtol 1e-4, atol 1e-6 relative to the largest gradient of the tensor).
 """
@@ -17,8 +17,10 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from helpers import batch, lm_loss, logits, randomize_adapters, tiny_llama, tiny_llama_config, train_steps  # noqa: E402
+
 from sora_dist import SoRAConfig, SoRAOptimizer, inject_sora, merge_sora, sora_modules, sora_param_groups  # noqa: E402
-from sora_dist.quant import dense_weight, is_4bit, is_8bit, make_linear4bit  # noqa: E402
+from sora_dist.backends.bnb import is_4bit, is_8bit, make_linear4bit  # noqa: E402
+from sora_dist.backends.linear import dense_weight  # noqa: E402
 
 SEED = 21
 CASES = [("nf4", torch.uint8), ("fp4", torch.uint8), ("nf4", torch.bfloat16)]

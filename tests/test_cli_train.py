@@ -1,56 +1,22 @@
-"""sora-train end to end: checkpoints and exact resume, the NaN guard, reports, and a 2-process launch."""
+"""sora-train (sora_dist.cli) end to end on the tiny model folder: checkpoints and bit-exact resume,
+the NaN guard, the run's reports, config errors before anything loads, ``--help`` documenting every
+key, a missing model named with what to do, the example configs (chat SFT on real SmolLM2 under
+accelerate launch with ZeRO-2 on 2 processes; classification on real MiniLM) and the classification
+metrics against their closed forms."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import REPO, require_smollm2, tiny_llama, worker_env, write_config
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from helpers import require_smollm2, tiny_llama
 from sora_dist.cli import run, train_main
-
-REPO = Path(__file__).resolve().parents[1]
-WORDS = [f"w{i}" for i in range(120)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny Llama with a word-level tokenizer, saved as a transformers folder."""
-    path = tmp_path_factory.mktemp("tiny_model")
-    tiny_llama(seed=0).save_pretrained(path)
-    vocab = {word: i for i, word in enumerate(["<pad>", "<unk>", "</s>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>").save_pretrained(path)
-    return path
-
-
-def write_config(tmp_path: Path, model: Path, **train) -> Path:
-    g = torch.Generator().manual_seed(0)
-    data = tmp_path / "instructions.jsonl"
-    with open(data, "w") as out:
-        for _ in range(24):
-            words = [WORDS[int(i)] for i in torch.randint(0, 100, (8,), generator=g)]
-            out.write(json.dumps({"instruction": " ".join(words[:5]), "input": "", "output": " ".join(words[5:])}) + "\n")
-    config = {
-        "model": {"path": str(model), "dtype": "float32"},
-        "sora": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"format": "instruction", "train_file": str(data), "validation_fraction": 0.25, "max_length": 32},
-        "train": {"steps": 4, "micro_batch_size": 4, "lr": 1e-2, "gate_lr": 0.1, "lambda_start": 1.0,
-                  "lr_decay": "constant", "log_every": 1, "output_dir": str(tmp_path / "out"), **train},
-    }  # fmt: skip
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_checkpoint_then_resume_reaches_the_straight_run(tiny_model_dir, tmp_path):
@@ -81,9 +47,11 @@ def test_checkpoint_then_resume_reaches_the_straight_run(tiny_model_dir, tmp_pat
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
     from sora_dist import SoRAConfig, inject_sora, sora_modules
-    from sora_dist.distributed import build_accelerator
-    from sora_dist.sources import resolve_adapter
-    from sora_dist.train import NonFiniteLoss, TrainConfig, train
+    from sora_dist.backends.accelerate import build_accelerator
+    from sora_dist.deploy.sources import resolve_adapter
+    from sora_dist.training.config import TrainConfig
+    from sora_dist.training.guard import NonFiniteLoss
+    from sora_dist.training.loop import train
 
     model = tiny_llama(seed=0)
     inject_sora(model, SoRAConfig(r=4), verbose=False)
@@ -110,8 +78,9 @@ def test_config_error_stops_before_loading_anything(tmp_path, capsys):
 
 
 def test_help_documents_every_key(capsys):
-    from sora_dist.config import SECTIONS
     import dataclasses
+
+    from sora_dist.config import SECTIONS
 
     with pytest.raises(SystemExit):
         train_main(["--help"])
@@ -134,8 +103,7 @@ def test_two_process_accelerate_launch_of_example_config_with_zero2(tmp_path):
         "--set", "train.save_every=0", "--set", "train.warmup_steps=0", "--set", "data.max_length=64",
         "--set", f"train.output_dir={out}", "--set", "distributed.mixed_precision=bf16",
     ]  # fmt: skip
-    env = {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["format"] == "chat"
@@ -168,7 +136,7 @@ def test_classification_metrics_against_closed_forms():
     """Binary MCC = (TP·TN − FP·FN)/sqrt(...), macro F1 and accuracy from counts; Pearson vs numpy-free formula."""
     import math
 
-    from sora_dist.metrics import classification_metrics, pearson
+    from sora_dist.training.metrics import classification_metrics, pearson
 
     pred = torch.tensor([1, 1, 0, 0, 1, 0, 1, 1, 0, 0])
     true = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1, 0, 1])

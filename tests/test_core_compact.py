@@ -1,4 +1,5 @@
-"""Rank compaction (sora_dist.compact): dead ranks removed physically, optimizer state carried over.
+"""Rank compaction (sora_dist.core.prune.compact_model_and_optimizer, and sparsity_schedule.compact
+in sora-train): dead ranks removed physically, optimizer state carried over.
 
 Reference for "training continues exactly": the uncompacted model with the same optimizer state,
 stepped on the same batches. Its dead ranks have exactly zero effect as long as their gates stay
@@ -16,16 +17,14 @@ import json
 
 import pytest
 import torch
+from helpers import batch, logits, staged_config, tiny_llama, train_steps
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import batch, logits, tiny_llama, train_steps
-from sora_dist import SoRAConfig, SoRALinear, SoRAOptimizer, inject_sora, sora_modules, sora_param_groups
+from sora_dist import SoRAConfig, SoRAOptimizer, inject_sora, sora_modules, sora_param_groups
 from sora_dist.cli import run, train_main
-from sora_dist.compact import compact_model_and_optimizer, physical_adapter_params
-from sora_dist.stages import COLUMNS
-from test_cli_train import tiny_model_dir, write_config  # noqa: F401  (the tiny Llama + tokenizer fixture)
-from test_stages import staged_config
+from sora_dist.core.prune import compact_model_and_optimizer, physical_adapter_params
+from sora_dist.training.stages import COLUMNS
 
 R = 6
 DEAD = "model.layers.0.self_attn.v_proj"  # every gate zeroed by hand: becomes its bare base Linear
@@ -118,7 +117,7 @@ def test_compaction_needs_a_plain_sora_optimizer(trained):
 
 
 @pytest.fixture(scope="module")
-def compact_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def compact_run(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("compact")
     path, _ = staged_config(tmp_path, tiny_model_dir, compact=True)
     assert run(train_main, [str(path)]) == 0

@@ -13,9 +13,9 @@ import re
 
 import pytest
 import torch
+from helpers import LLAMA_PROJ, batch, linear_names, lm_loss, tiny_llama, train_steps
 from torch import nn
 
-from helpers import LLAMA_PROJ, batch, linear_names, lm_loss, tiny_llama, train_steps
 from sora_dist import (
     SoRAConfig,
     SoRALinear,

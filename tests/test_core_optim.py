@@ -14,8 +14,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import batch, lm_loss, tiny_bert_classifier, tiny_llama
+
 from sora_dist import LambdaSchedule, SoRAConfig, SoRAOptimizer, inject_sora, sora_modules, sora_param_groups
 
 ATOL = 1e-6

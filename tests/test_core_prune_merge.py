@@ -14,9 +14,9 @@ import re
 
 import pytest
 import torch
+from helpers import batch, logits, randomize_adapters, require_smollm2, tiny_bert_classifier, tiny_llama, train_steps
 from torch import nn
 
-from helpers import batch, logits, randomize_adapters, require_smollm2, tiny_bert_classifier, tiny_llama, train_steps
 from sora_dist import (
     SoRAConfig,
     SoRALinear,
@@ -171,7 +171,7 @@ def test_smollm2_pruned_and_merged_match_sora_model_and_greedy_generation():
     inject_sora(model, SoRAConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]), verbose=False)
     randomize_adapters(model, seed=3, b_std=0.02)
     with torch.no_grad():
-        for i, (name, m) in enumerate(sora_modules(model)):
+        for i, (_name, m) in enumerate(sora_modules(model)):
             m.gate[m.gate.abs() < 0.5] = 0.0
             if i == 5:
                 m.gate.zero_()

@@ -1,5 +1,5 @@
-"""Offline data assets: the BIG-bench conversion (from a hand-made sdist), asset names, the quality
-benchmark's subsets and batches."""
+"""Offline data assets (sora_dist.data.assets): the BIG-bench conversion (from a hand-made sdist),
+asset names, the quality benchmark's subsets and batches."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import tarfile
 
 import pytest
 import torch
-
 from helpers import REPO
-from sora_dist import assets
-from sora_dist.data import DataError, data_path
+
+from sora_dist.data import DataError, assets, data_path
 
 VITAMINC_EXAMPLE = {
     "input": "Westlife: Westlife has sold 23 million records .\nClaim: Westlife sold under 20 million records .",

@@ -1,15 +1,17 @@
-"""Data pipelines and run-config validation: loss masks per data shape, errors that name their place."""
+"""Data formats (sora_dist.data): what each data shape tokenizes to and where its loss goes (chat:
+assistant turns, instruction: the output, text: every token, classification: one label), padding
+masks, errors that name file and row, and the seeded hold-out split."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from helpers import word_tokenizer
+from tokenizers import pre_tokenizers
 
-from sora_dist.config import ConfigError, load_config
-from sora_dist.data import IGNORE, DataError, pad_collate, split_holdout, tokenize_file
+from sora_dist.data import IGNORE, DataError, split_holdout, tokenize_file
+from sora_dist.data.collate import pad_collate
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s>\n{% endfor %}"
@@ -22,12 +24,8 @@ WORDS = "hello there how are you fine thanks bye goodbye good great movie bad fi
 def tokenizer():
     """A word-level tokenizer with a chat template, built locally: one token per word."""
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>", "<system>"]
-    vocab = {word: i for i, word in enumerate(specials + WORDS + ["\n", "+", "1", "2", ":"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return word_tokenizer(specials + WORDS + ["\n", "+", "1", "2", ":"], chat_template=CHAT_TEMPLATE, pre_tokenizer=split)
 
 
 def write_jsonl(path, rows):
@@ -36,7 +34,7 @@ def write_jsonl(path, rows):
 
 
 def labeled_words(tokenizer, example) -> list[str]:
-    return tokenizer.convert_ids_to_tokens([t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE])
+    return tokenizer.convert_ids_to_tokens([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE])
 
 
 def test_chat_loss_only_on_assistant_turns(tokenizer, tmp_path):
@@ -121,37 +119,3 @@ def test_holdout_split_is_seeded_and_disjoint(tokenizer, tmp_path):
     assert len(val) == 5 and len(train) == 15
     assert sorted(lengths(train) + lengths(val)) == lengths(examples)
     assert lengths(train) == lengths(again)
-
-
-BASE = {"model": {"path": "some/model"}, "data": {"train_file": "train.jsonl"}}
-
-
-@pytest.mark.parametrize(
-    "section, value, message",
-    [
-        ("train", {"lrr": 1e-4}, r"^train\.lrr: unknown key; allowed keys: .*\blr\b"),
-        ("train", {"lr": "fast"}, r"^train\.lr: expected float, got str 'fast'"),
-        ("train", {"steps": 2.5}, r"^train\.steps: expected int"),
-        ("sora", {"r": 0}, r"^sora\.r must be a positive integer"),
-        ("sora", {"gate_init": "zeros"}, r"^sora\.gate_init must be one of"),
-        ("data", {"train_file": "t.jsonl", "format": "xml"}, r"^data\.format: must be one of \['instruction', 'chat', 'text', 'classification'\]"),
-        ("model", {"path": "m", "quantization": "3bit"}, r"^model\.quantization: must be one of"),
-        ("model", {}, r"^model\.path: required"),
-    ],
-)
-def test_config_errors_name_the_key(section, value, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(raw={**BASE, section: value})
-
-
-def test_config_overrides_and_unknown_section(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text("model:\n  path: some/model\ndata:\n  train_file: t.jsonl\ntrain:\n  lr: 1.0e-4\n")
-    config = load_config(path, overrides=["train.lr=3e-4", "sora.target_modules=[q_proj, v_proj]"])
-    assert config.train.lr == 3e-4 and config.sora.target_modules == ["q_proj", "v_proj"]
-    with pytest.raises(ConfigError, match=r"^optimiser: unknown section"):
-        load_config(raw={**BASE, "optimiser": {}})
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  path: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
-        load_config(bad)

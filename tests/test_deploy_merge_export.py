@@ -1,4 +1,6 @@
-"""sora-merge and sora-export: merged folders and PEFT adapters that reproduce the SoRA model."""
+"""sora-merge and sora-export (sora_dist.deploy): merged folders and PEFT adapters that reproduce the
+SoRA model; refusals (mismatched base, existing output), an interrupted merge leaving nothing, the
+streaming merge's peak memory, and merging a 4-bit-trained adapter into the full-precision base."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import batch, logits, randomize_adapters, require_smollm2, save_tiny_model, tiny_llama, word_tokenizer
 
-from helpers import batch, logits, randomize_adapters, require_smollm2, tiny_llama
 from sora_dist import SoRAConfig, inject_sora, load_sora, save_sora, sora_modules
 from sora_dist.cli import export_main, merge_main, run
-from sora_dist.io import read_adapter
+from sora_dist.deploy.io import read_adapter
 
 
 def trained_adapter(model, folder: Path, dead: str | None = None, seed: int = 1) -> Path:
@@ -111,7 +113,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
 
 
 def test_interrupted_merge_leaves_nothing_behind(tmp_path, monkeypatch):
-    import sora_dist.merge_stream as merge_stream
+    import sora_dist.deploy.stream_merge as merge_stream
 
     base = save_base(tiny_llama(seed=0), tmp_path / "base", max_shard_size="40KB")
     adapter = trained_adapter(tiny_llama(seed=0), tmp_path / "adapter")
@@ -133,8 +135,8 @@ def test_interrupted_merge_leaves_nothing_behind(tmp_path, monkeypatch):
 RSS_RUNNER = """
 import resource, sys
 from sora_dist.cli import merge_main
-import sora_dist.merge_stream, sora_dist.sources, sora_dist.export
-sources = sora_dist.sources.resolve_adapter(sys.argv[2])
+import sora_dist.deploy.stream_merge, sora_dist.deploy.sources, sora_dist.deploy.export
+sources = sora_dist.deploy.sources.resolve_adapter(sys.argv[2])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 merge_main(["--base", sys.argv[1], "--adapter", sys.argv[2], "--out", sys.argv[3]])
 print("RSS", before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -200,14 +202,11 @@ def test_adapter_trained_on_4bit_merges_into_full_precision_base(tmp_path, capsy
     The merged model equals base + ΔW exactly; it differs from the 4-bit model by the base's
     quantization error only, which the report prints.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import pre_tokenizers
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    base = save_base(tiny_llama(seed=6), tmp_path / "base")
-    vocab = {f"w{i}": i for i in range(128)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w1", pad_token="w0").save_pretrained(base)
+    tokenizer = word_tokenizer([f"w{i}" for i in range(128)], pad="w0", unk="w1", eos=None, pre_tokenizer=pre_tokenizers.Whitespace())
+    base = save_tiny_model(tmp_path / "base", tiny_llama(seed=6), tokenizer)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     qmodel = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map="cpu")
     adapter = trained_adapter(qmodel, tmp_path / "adapter")

@@ -1,12 +1,18 @@
 """The sora-train recipe: a config error in any λ, gate or budget key stops the run before the
-tokenizer, the data or the model are touched, and nothing is written."""
+tokenizer, the data or the model are touched, and nothing is written; the config.yaml a run writes
+is the config it used."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import yaml
+from helpers import write_config
 
 from sora_dist.cli import run, train_main
+from sora_dist.config import load_config
 
 BAD_KEYS = [
     ({"train": {"lambda_kind": "cosine"}}, "train.lambda_kind: must be one of"),
@@ -51,3 +57,20 @@ def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path, capsys):
     path.write_text("model:\n  path: m\ndata:\n  train_file: t.jsonl\ntrain:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
     assert run(train_main, [str(path)]) == 2
     assert f"{path}:7: invalid YAML: duplicate key 'lr'" in capsys.readouterr().err
+
+
+def test_config_yaml_is_the_config_the_run_used_in_budget_mode(tiny_model_dir, tmp_path):
+    """Budget mode picks the gate lr after the model loads; config.yaml records that resolved value,
+    and it is the one the training loop used (the adapter's sora_config.json keeps the loop's
+    TrainConfig)."""
+    path = write_config(tmp_path, tiny_model_dir, steps=12, gate_lr=None)
+    raw = yaml.safe_load(path.read_text())
+    raw["sparsity_budget"] = {"target_rank": 2, "by_step": 8}
+    path.write_text(yaml.safe_dump(raw))
+    assert run(train_main, [str(path)]) == 0
+    out = tmp_path / "out"
+    saved = load_config(out / "config.yaml")
+    used = json.loads((out / "adapter" / "sora_config.json").read_text())["train"]
+    assert saved.train.gate_lr is not None and saved.train.gate_lr == used["gate_lr"]
+    assert dataclasses.asdict(saved.train) == used
+    assert saved.to_dict() == {**load_config(path).to_dict(), "train": used}

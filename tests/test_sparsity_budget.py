@@ -1,4 +1,7 @@
-"""Budget mode: the live adapter follows the planned size to its target and holds it."""
+"""Budget mode (sora_dist.sparsity.budget): the live adapter follows the planned size to its target
+and holds it, in live ranks or adapter parameters; the keep threshold, the budget step and the
+automatic gate lr against hand computations; the controller's state round trip; the
+sparsity_budget config checks; sora-train in budget mode, in one process and on ZeRO-2/3 shards."""
 
 from __future__ import annotations
 
@@ -7,18 +10,18 @@ import math
 
 import pytest
 import torch
+from helpers import launch_cli_two_processes, tiny_llama, write_config
 from safetensors.torch import load_file
 
-from helpers import tiny_llama
-from test_cli_train import tiny_model_dir, write_config  # noqa: F401  (fixture)
-
 from sora_dist import SoRAConfig, inject_sora
-from sora_dist.budget import BudgetController, gate_lr_for_budget
-from sora_dist.optim import SoRAOptimizer, effective_lambda, keep_threshold, soft_threshold_all_
+from sora_dist.backends.accelerate import build_accelerator
 from sora_dist.config import ConfigError, load_config
-from sora_dist.distributed import build_accelerator
-from sora_dist.sparsity import sparsity_report
-from sora_dist.train import TrainConfig, lr_factor, train
+from sora_dist.core.optim import SoRAOptimizer, effective_lambda, keep_threshold, soft_threshold_all_
+from sora_dist.core.report import sparsity_report
+from sora_dist.sparsity.budget import BudgetController, gate_lr_for_budget
+from sora_dist.training.config import TrainConfig
+from sora_dist.training.loop import train
+from sora_dist.training.lr import lr_factor
 
 BY_STEP = 70
 
@@ -169,7 +172,7 @@ def test_budget_and_sparsity_schedule_are_exclusive():
     assert load_config(raw=_raw(target_rank=2, by_step=10)).sparsity_budget.target_rank == 2
 
 
-def test_cli_budget_run_picks_the_gate_lr_reaches_the_target_and_writes_budget_png(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_cli_budget_run_picks_the_gate_lr_reaches_the_target_and_writes_budget_png(tiny_model_dir, tmp_path, capsys):
     """Without train.gate_lr the recipe chooses one (and says so); with it the 12-step run is on its
     target of 2 ranks per module from by_step=10 on, and λ never exceeds lambda_max."""
     import yaml
@@ -195,13 +198,12 @@ def test_cli_budget_run_picks_the_gate_lr_reaches_the_target_and_writes_budget_p
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("ds_config", ["ds_configs/zero2.json", "ds_configs/zero3.json"])
-def test_budget_mode_on_zero_shards_matches_one_process(ds_config, tiny_model_dir, tmp_path):  # noqa: F811
+def test_budget_mode_on_zero_shards_matches_one_process(ds_config, tiny_model_dir, tmp_path):
     """ZeRO-2/3 on 2 processes, each stepping a shard of the gate group: the threshold gathers every
     shard's values, so the live ranks logged at every step and the adapter equal the one-process run
     (same global batch, no dropout)."""
     import yaml
 
-    from helpers import launch_cli_two_processes
     from sora_dist.cli import run, train_main
 
     path = write_config(tmp_path, tiny_model_dir, steps=12, gate_lr=0.05, lambda_start=0.0)

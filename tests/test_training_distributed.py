@@ -1,7 +1,8 @@
 """Distributed SoRA with 2 real processes over gloo, checked against single-process runs.
 
-Each test launches tests/dist_worker.py (torchrun, or accelerate launch for the CLI) on a tiny
-Llama and compares what the ranks wrote. Shared settings (worker defaults): 6 optimizer steps,
+Each test launches tests/dist_worker.py (torchrun; the CLI test launches sora-train itself under
+accelerate launch or the deepspeed launcher) on the tiny Llama of conftest.dist_model_dir and
+compares what the ranks wrote. Shared settings (worker defaults): 6 optimizer steps,
 2 micro-batches of accumulation, per-rank micro-batch 2 (the one-process reference uses 4, so every
 step sees the same 8 examples), gate lr 0.1 with λ = 2 (prox_adam, lr-scaled threshold: large
 enough to zero about half the gates in 6 steps), gradient clipping at 1.0.
@@ -11,87 +12,23 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from helpers import BF16_MAX, BF16_P99, FP32_ATOL, Result, free_port, launch, run_command
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "dist_worker.py"
-FP32_ATOL = 1e-4  # measured: max |2 ranks - 1 process| between 1.4e-6 and 5e-6 after 6 steps, every backend
-# bf16 (4-bit base): gradients are reduced in bf16, and Adam turns a tiny gradient's sign flip into a
-# full lr-sized step, so a few elements differ by up to ~lr per step. Measured: 99th percentile of
-# |difference| 2.4e-3, max 3.1e-2 (one gate of magnitude 1.2, 4 bf16 ulps).
-BF16_P99, BF16_MAX = 1e-2, 0.1
-TIMEOUT = 300
-
-
-def worker_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("ACCELERATE_USE_DEEPSPEED", None)
-    return env
-
-
-def run(cmd: list[str], expect_ok: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    if expect_ok and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
-
-
-def launch(out: Path, model: Path, *args: str, nproc: int = 2, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """The worker on ``nproc`` processes (torchrun picks a free port), or plain python for the reference."""
-    worker = [str(WORKER), "--model", str(model), "--out", str(out), *args]
-    if nproc == 1 and "single" in args:
-        return run([sys.executable, *worker], expect_ok)
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *worker], expect_ok)
-
-
-class Result:
-    """What one launch wrote: per-rank adapter tensors and facts, and the saved adapter."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.ranks = sorted(out.glob("rank*.json"))
-        self.facts = [json.loads(p.read_text()) for p in self.ranks]
-        self.tensors = [load_file(str(p.with_suffix(".safetensors"))) for p in self.ranks]
-
-    @property
-    def adapter(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.out / "train" / "adapter" / "adapter_model.safetensors"))
-
-    @property
-    def gates(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors[0].items() if k.endswith(".gate")}
-
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer Llama saved as safetensors, so that ZeRO-3 can load it partitioned."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory) -> Result:
+def reference(dist_model_dir, tmp_path_factory) -> Result:
     """One process, plain PyTorch, the whole global batch per micro-batch."""
     out = tmp_path_factory.mktemp("reference")
-    launch(out, tiny_model, "--backend", "single", "--micro-batch-size", "4", nproc=1)
+    launch(out, dist_model_dir, "--backend", "single", "--micro-batch-size", "4", nproc=1)
     return Result(out)
 
 
@@ -136,9 +73,9 @@ def assert_gates_trained(result: Result) -> None:
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero0", "zero1", "zero2", "zero3", "zero3_offload"])
-def test_two_ranks_match_one_process(backend, tiny_model, reference, tmp_path):
+def test_two_ranks_match_one_process(backend, dist_model_dir, reference, tmp_path):
     """Same seed and global batch: gates and adapters equal the 1-process run; ranks bit-identical."""
-    launch(tmp_path, tiny_model, "--backend", backend)
+    launch(tmp_path, dist_model_dir, "--backend", backend)
     result = Result(tmp_path)
     assert [f["world_size"] for f in result.facts] == [2, 2]
     assert_ranks_identical(result)
@@ -158,13 +95,13 @@ def test_two_ranks_match_one_process(backend, tiny_model, reference, tmp_path):
         assert all(f["base_partitioned_at_load"] and f["base_local_numel_at_load"] == 0 for f in result.facts)
 
 
-def test_zero3_4bit_base_two_ranks_match_one_rank(tiny_model, tmp_path):
+def test_zero3_4bit_base_two_ranks_match_one_rank(dist_model_dir, tmp_path):
     """nf4 base with bf16 storage under ZeRO-3 (bf16): the 4-bit weight is partitioned and trains."""
     one, two = tmp_path / "one", tmp_path / "two"
     # Shard every tensor: by default ZeRO-3 keeps tensors below 10 x hidden (this packed weight) whole.
     common = ("--backend", "zero3_4bit", "--mixed-precision", "bf16", "--zero-option", "stage3_param_persistence_threshold=0")
-    launch(one, tiny_model, *common, "--micro-batch-size", "4", nproc=1)
-    launch(two, tiny_model, *common, "--micro-batch-size", "2")
+    launch(one, dist_model_dir, *common, "--micro-batch-size", "4", nproc=1)
+    launch(two, dist_model_dir, *common, "--micro-batch-size", "2")
     one, two = Result(one), Result(two)
     assert all(f["base_is_4bit"] for f in two.facts)
     packed = one.facts[0]["base_shard_numel_in_training"]
@@ -178,20 +115,20 @@ def test_zero3_4bit_base_two_ranks_match_one_rank(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
-def test_killed_run_resumes_to_the_same_adapter(backend, tiny_model, tmp_path):
+def test_killed_run_resumes_to_the_same_adapter(backend, dist_model_dir, tmp_path):
     """Kill a run while it writes checkpoint 4 (checkpoint 2 is complete); the resumed run ends bit-identical.
 
     Dropout is on, so the resume must also restore every rank's RNG and the data position.
     """
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     common = ("--backend", backend, "--dropout", "0.1", "--save-every", "2")
-    launch(straight, tiny_model, *common)
-    killed = launch(crashed, tiny_model, *common, "--crash-in-save", "4", expect_ok=False)
+    launch(straight, dist_model_dir, *common)
+    killed = launch(crashed, dist_model_dir, *common, "--crash-in-save", "4", expect_ok=False)
     assert killed.returncode != 0
     checkpoints = crashed / "train" / "checkpoints"
     assert (checkpoints / "step-00000002" / "sora_state.json").is_file()
     assert (checkpoints / ".step-00000004.tmp").is_dir() and not (checkpoints / "step-00000004").exists()
-    resumed = launch(crashed, tiny_model, *common)
+    resumed = launch(crashed, dist_model_dir, *common)
     assert "at step 2" in resumed.stdout, resumed.stdout[-2000:]
     want, got = Result(straight).adapter, Result(crashed).adapter
     assert sorted(got) == sorted(want)
@@ -199,35 +136,37 @@ def test_killed_run_resumes_to_the_same_adapter(backend, tiny_model, tmp_path):
         assert torch.equal(got[key], want[key]), f"{key} differs after resume"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
-def test_cli_launchers_match_one_process(launcher, tiny_model, reference, tmp_path):
-    """The user path, `python -m sora_dist.train` on 2 CPU processes, trains the reference's adapter.
+def test_cli_launchers_match_one_process(launcher, dist_model_dir, reference, tmp_path):
+    """The user path, `python -m sora_dist.cli train run.yaml` (sora-train) on 2 CPU processes,
+    trains the reference's adapter.
 
+    run.yaml holds the worker's settings: SoRA r=4, alpha 8, no dropout; the worker's token data as
+    data.format blocks of 16 tokens; 6 steps of micro-batch 2 x 2 accumulation, lr 1e-2, gate lr 0.1,
+    λ = 2, the worker's seed.
     accelerate: `accelerate launch --config_file launch/cpu_2proc.yaml` (ZeRO-2 from the YAML);
-    deepspeed: the `deepspeed` launcher with `--ds-config ds_configs/zero3.json`.
+    deepspeed: the `deepspeed` launcher, with `distributed.deepspeed_config: ds_configs/zero3.json`.
     """
     from dist_worker import SEED, token_data
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"input_ids": e["input_ids"].tolist()}) + "\n" for e in token_data()))
     out = tmp_path / "out"
-    settings = {
-        "--model": tiny_model, "--data": data, "--output-dir": out, "--seq-len": 16, "--r": 4, "--alpha": 8,
-        "--steps": 6, "--micro-batch-size": 2, "--grad-accum": 2, "--lr": 1e-2, "--gate-lr": 0.1,
-        "--lambda-start": 2, "--seed": SEED, "--log-every": 3,
+    config = {
+        "model": {"path": str(dist_model_dir), "dtype": "float32"},
+        "sora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"format": "blocks", "train_file": str(data), "max_length": 16},
+        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "gate_lr": 0.1, "lambda_start": 2.0,
+                  "seed": SEED, "log_every": 3, "output_dir": str(out)},
     }  # fmt: skip
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", "launch/cpu_2proc.yaml", "--main_process_port", "0", "-m"]
     else:
-        settings["--ds-config"] = "ds_configs/zero3.json"
+        config["distributed"] = {"deepspeed_config": "ds_configs/zero3.json"}
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module"]
-    proc = run([*cmd, "sora_dist.train", *(str(x) for kv in settings.items() for x in kv)])
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(config))
+    proc = run_command([*cmd, "sora_dist.cli", "train", str(run_yaml)])
     assert "live ranks" in proc.stdout
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert_close(adapter, reference.adapter, FP32_ATOL, f"{launcher} launcher CLI vs one process")
@@ -238,7 +177,7 @@ def per_step_calls(result: Result) -> list[list]:
     return [s["calls"] for s in steps[1:]]  # step 1 also holds DeepSpeed's setup traffic
 
 
-def test_zero2_gate_update_adds_no_collective(tiny_model, tmp_path):
+def test_zero2_gate_update_adds_no_collective(dist_model_dir, tmp_path):
     """Count torch.distributed calls per optimizer step under ZeRO-2, SoRA vs LoRA (gates frozen at 1).
 
     - the gate update inside SoRAOptimizer.step() issues no collective at all;
@@ -250,8 +189,8 @@ def test_zero2_gate_update_adds_no_collective(tiny_model, tmp_path):
     sora, lora = tmp_path / "sora", tmp_path / "lora"
     # A bucket the size real configs use; the "auto" one (hidden^2 = 1024 here) splits the toy model's gradients.
     common = ("--backend", "zero2", "--count-collectives", "--zero-option", "reduce_bucket_size=50000000")
-    launch(sora, tiny_model, *common)
-    launch(lora, tiny_model, *common, "--lora")
+    launch(sora, dist_model_dir, *common)
+    launch(lora, dist_model_dir, *common, "--lora")
     sora, lora = Result(sora), Result(lora)
     n_gates = sum(g.numel() for g in sora.gates.values())
     for result in (sora, lora):

@@ -1,4 +1,7 @@
-"""The backend-independent pieces of the training loop, checked in one process (no launch needed)."""
+"""The backend-independent pieces of the training loop, checked in one process (no launch needed):
+sharded data order (sora_dist.training.batches), the lr schedule (training.lr), the DeepSpeed config
+filled from the training settings and the shipped ds_configs (backends.accelerate), and the
+token blocks of data.format blocks."""
 
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sora_dist import distributed
-from sora_dist.train import ShardedBatches, TrainConfig, lr_factor, read_token_blocks
+from sora_dist.backends import accelerate as engine
+from sora_dist.data import read_token_blocks
+from sora_dist.training.batches import ShardedBatches
+from sora_dist.training.config import TrainConfig
+from sora_dist.training.lr import lr_factor
 
 
 def examples(n: int) -> list[dict]:
@@ -58,7 +64,7 @@ def fake_deepspeed_accelerator(config: dict, grad_accum: int = 2, processes: int
 
 def test_deepspeed_auto_fields_take_the_training_settings():
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
-    distributed.fill_deepspeed_config(fake_deepspeed_accelerator(config), micro_batch_size=4, max_grad_norm=0.5)
+    engine.fill_deepspeed_config(fake_deepspeed_accelerator(config), micro_batch_size=4, max_grad_norm=0.5)
     assert config == {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 2,
@@ -70,24 +76,24 @@ def test_deepspeed_auto_fields_take_the_training_settings():
 def test_a_deepspeed_value_that_contradicts_the_training_settings_is_an_error():
     config = {"gradient_accumulation_steps": 8}
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps is 8 but the training settings give 2.*\"auto\""):
-        distributed.fill_deepspeed_config(fake_deepspeed_accelerator(config), micro_batch_size=4, max_grad_norm=1.0)
+        engine.fill_deepspeed_config(fake_deepspeed_accelerator(config), micro_batch_size=4, max_grad_norm=1.0)
 
 
 def test_client_optimizer_is_found_under_wrappers():
-    from sora_dist.optim import SoRAOptimizer
+    from sora_dist.core.optim import SoRAOptimizer
 
     sora = SoRAOptimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}])
     wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=sora))
-    assert distributed.client_optimizer(wrapped) is sora
+    assert engine.client_optimizer(wrapped) is sora
 
 
 def test_ds_config_errors_name_the_file(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')
     with pytest.raises(ValueError, match=r"ds\.json:2: invalid JSON"):
-        distributed.load_ds_config(bad)
+        engine.load_ds_config(bad)
     with pytest.raises(FileNotFoundError, match="ds_configs"):
-        distributed.load_ds_config(tmp_path / "missing.json")
+        engine.load_ds_config(tmp_path / "missing.json")
 
 
 def test_every_shipped_deepspeed_config_is_ready_for_the_sora_optimizer():

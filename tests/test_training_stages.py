@@ -1,4 +1,6 @@
-"""The sparsifying schedule (SORA.md, Algorithm 1) in sora-train: stages, fresh lr warm-ups, reports, config."""
+"""The sparsifying schedule (sora_dist.training.stages; docs/method.md, Algorithm 1) in sora-train:
+stages, fresh lr warm-ups, reports, config, and the same stages on 2 processes (DDP, ZeRO-2/3, with
+and without rank compaction)."""
 
 from __future__ import annotations
 
@@ -8,27 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import STAGED_LR as LR
+from helpers import launch_cli_two_processes, staged_config
 from safetensors.torch import load_file
 
-from helpers import launch_cli_two_processes
 from sora_dist.cli import run, train_main
 from sora_dist.config import ConfigError, load_config
-from test_cli_train import tiny_model_dir, write_config  # noqa: F401  (the tiny Llama + tokenizer fixture)
 
-LR = 1e-2
 LAMBDAS = [0.5, 2.25, 4.0]  # linear from 0.5 to 4 in 3 stages
 COLUMNS = ["stage", "lambda", "steps", "nonzero_params", "live_ranks", "adapter_params", "step_time_s", "score",
            "validation", "train_subset", "generalization", "memorization", "adapter"]  # fmt: skip
-
-
-def staged_config(tmp_path, model, **schedule):
-    """The CLI test's config (lr 1e-2, gate_lr 0.1, log_every 1) with a 2-step warm-up and a schedule."""
-    path = write_config(tmp_path, model, warmup_steps=2, lr=LR)
-    raw = yaml.safe_load(path.read_text())
-    raw["sparsity_schedule"] = {"kind": "linear", "start": 0.5, "end": 4, "stages": 3, "steps_per_stage": 4, "train_subset": 8, **schedule}
-    path.write_text(yaml.safe_dump(raw))
-    return path, raw
 
 
 def adapter_params(tensors: dict[str, torch.Tensor]) -> int:
@@ -42,7 +33,7 @@ def adapter_params(tensors: dict[str, torch.Tensor]) -> int:
 
 
 @pytest.fixture(scope="module")
-def staged_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def staged_run(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("staged")
     path, raw = staged_config(tmp_path, tiny_model_dir)
     assert run(train_main, [str(path)]) == 0
@@ -91,7 +82,7 @@ def test_every_stage_warms_the_learning_rate_up_again_at_its_own_lambda(staged_r
         assert all(r["lambda"] == pytest.approx(lambda_) for r in train)
 
 
-def test_stage_adapters_load_into_a_fresh_model(staged_run, tiny_model_dir):  # noqa: F811
+def test_stage_adapters_load_into_a_fresh_model(staged_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from sora_dist import load_sora, sora_modules
@@ -103,7 +94,7 @@ def test_stage_adapters_load_into_a_fresh_model(staged_run, tiny_model_dir):  # 
         assert live == row["live_ranks"]
 
 
-def test_sparsity_schedule_config_is_validated(tiny_model_dir, tmp_path):  # noqa: F811
+def test_sparsity_schedule_config_is_validated(tiny_model_dir, tmp_path):
     path, raw = staged_config(tmp_path, tiny_model_dir)
     config = load_config(path)
     assert config.sparsity_schedule.lambdas() == pytest.approx(LAMBDAS)
@@ -138,7 +129,7 @@ BACKENDS = {"ddp": [], "zero2": ["distributed.deepspeed_config=ds_configs/zero2.
 
 
 @pytest.fixture(scope="module")
-def one_process_stages(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def one_process_stages(tiny_model_dir, tmp_path_factory):
     """The staged run in one process without dropout, micro-batch 4 (with and without compaction):
     the reference of the 2-process runs."""
     runs = {}

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..backends import accelerate as engine
-from ..deploy.atomic import TMP_MARK, replace_dir
+from ..deploy.atomic import replace_dir
 from ..deploy.io import adapter_metadata, write_metadata
 from ..deploy.layout import STATE_NAME, checkpoint_dir, complete_checkpoints
 from ..sparsity.controller import LambdaController
@@ -24,7 +24,7 @@ def save_checkpoint(accelerator, model, output_dir: str | os.PathLike, state: di
     filesystem is assumed, as DeepSpeed does.
     """
     final = checkpoint_dir(output_dir, state["step"])
-    tmp = final.with_name(f".{final.name}{TMP_MARK}shared")  # one name every rank knows
+    tmp = final.with_name(f".{final.name}.tmp")  # one name every rank knows
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
