@@ -127,7 +127,9 @@ def _check_type(path: str, value: Any, annotation) -> Any:
             return value
         if origin is list and isinstance(value, list) and item is float and all(_is_real(v) for v in value):
             return [float(v) for v in value]
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+        if origin is dict and isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
+    names = " or ".join(str(o).replace("typing.", "") if typing.get_args(o) else getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {value!r}")
 
 
@@ -217,6 +219,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     for key in raw:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section; sections: {', '.join(SECTIONS)}")
+    if isinstance(raw.get("train"), dict) and "steps" in raw["train"] and raw["train"].get("epochs"):
+        raise ConfigError("train.epochs: give train.steps or train.epochs, not both")
     sections = {name: build_section(name, raw.get(name)) for name in SECTIONS if name in raw or name not in OPTIONAL_SECTIONS}
     config = RunConfig(**sections)
     if config.sparsity_schedule is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -21,10 +23,12 @@ from .config import RunConfig
 from .core.inject import inject_sora
 from .core.report import sparsity_report
 from .data.collate import pad_collate
-from .data.load import Examples, data_path, split_holdout, tokenize_file
+from .data.packing import PackedExamples, collate_packed
+from .data.pipeline import Examples, blocks_examples, data_path, prepare_split, split_holdout
 from .deploy.atomic import write_text
 from .deploy.layout import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from .models import load_model, load_tokenizer
+from .options import ConfigError
 from .sparsity.budget import BudgetController, budget_target, gate_lr_for_budget
 from .sparsity.plots import plot_budget
 from .training.evaluate import make_evaluator
@@ -35,20 +39,44 @@ from .training.stages import run_stages
 CLASSIFIER_HEADS = ("score", "classifier")
 
 
-def load_data(cfg: RunConfig, tokenizer) -> tuple[Examples, Examples | None]:
-    """Tokenized train and validation sets (from a file or a seeded held-out fraction)."""
+def load_data(cfg: RunConfig, tokenizer, accelerator) -> tuple[Examples, Examples | None]:
+    """Tokenized train and validation sets (from their sources or a seeded held-out fraction).
+
+    The main process prepares (or finds in the cache) each set first; the other ranks then load
+    what it wrote instead of tokenizing again.
+    """
     data = cfg.data
-    train_file = data_path(data.train_file, "data.train_file")
-    train_set = tokenize_file(train_file, tokenizer, data.format, data.max_length, data.on_error)
-    val_set = None
-    if data.validation_file:
-        validation_file = data_path(data.validation_file, "data.validation_file")
-        val_set = tokenize_file(validation_file, tokenizer, data.format, data.max_length, data.on_error, train_set.label_names)
-    elif data.validation_fraction:
+    common = {"tokenizer": tokenizer, "format": data.format, "max_length": data.max_length, "on_error": data.on_error,
+              "columns": data.columns, "mask_history": data.mask_history, "seed": cfg.train.seed,
+              "num_proc": data.num_proc or min(8, os.cpu_count() or 1), "cache": data.cache}  # fmt: skip
+    with accelerator.main_process_first():
+        if data.format == "blocks":
+            train_set = blocks_examples(data_path(data.sources[0], "data.train_file"), tokenizer, data.max_length)
+        else:
+            train_set = prepare_split(data.sources, "data.train_file", weights=data.train_weights, **common)
+        val_set = None
+        if data.validation_file and data.format == "blocks":
+            val_set = blocks_examples(data_path(data.validation_file, "data.validation_file"), tokenizer, data.max_length)
+        elif data.validation_file:
+            val_set = prepare_split([data.validation_file], "data.validation_file", label_names=train_set.label_names, **common)
+    if data.validation_fraction:
         train_set, val_set = split_holdout(train_set, data.validation_fraction, cfg.train.seed)
     if val_set is not None and data.eval_max_examples:
-        val_set = Examples(val_set.rows[: data.eval_max_examples], val_set.skipped, val_set.label_names)
+        val_set = val_set.select(range(min(data.eval_max_examples, len(val_set))))
     return train_set, val_set
+
+
+def training_rows(cfg: RunConfig, train_set: Examples, pad_id: int, main: bool):
+    """What the loop batches: the examples, or packed rows (data.packing); their collate function;
+    and their lengths for length-grouped batching (data.group_by_length)."""
+    if cfg.data.packing:
+        packed = PackedExamples(train_set, cfg.data.max_length)
+        if main:
+            print(f"packing: {len(train_set):,} examples in {len(packed):,} rows of {cfg.data.max_length} tokens, "
+                  f"{100 * packed.useful_fraction():.1f}% of them example tokens", flush=True)  # fmt: skip
+        return packed, functools.partial(collate_packed, pad_id=pad_id), None
+    lengths = train_set.lengths if cfg.data.group_by_length else None
+    return train_set, functools.partial(pad_collate, pad_id=pad_id, pad_to_multiple_of=8), lengths
 
 
 def num_labels_of(cfg: RunConfig, train_set: Examples) -> int | None:
@@ -58,8 +86,8 @@ def num_labels_of(cfg: RunConfig, train_set: Examples) -> int | None:
         return cfg.model.num_labels
     if train_set.label_names:
         return len(train_set.label_names)
-    first = train_set.rows[0]["labels"]
-    return 1 if isinstance(first, float) else max(int(r["labels"]) for r in train_set.rows) + 1
+    labels = [row[0] for row in train_set.dataset["labels"]]
+    return 1 if isinstance(labels[0], float) else max(int(label) for label in labels) + 1
 
 
 def sora_config_for(cfg: RunConfig, model):
@@ -92,6 +120,21 @@ def resolve(cfg: RunConfig, model, main: bool) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gate_lr=gate_lr))
 
 
+def steps_from_epochs(cfg: RunConfig, rows: int, processes: int, main: bool) -> RunConfig:
+    """train.epochs -> train.steps: enough optimizer steps for that many passes over the rows (the
+    resolved config, as config.yaml records it, then says steps)."""
+    if not cfg.train.epochs:
+        return cfg
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * processes
+    steps = max(1, math.ceil(cfg.train.epochs * rows / per_step))
+    if main:
+        print(f"train.epochs {cfg.train.epochs:g}: {steps} optimizer steps of {per_step} rows ({rows:,} rows)", flush=True)
+    try:
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, epochs=0.0))
+    except ValueError as err:
+        raise ConfigError(f"train.epochs: {cfg.train.epochs:g} epochs make {steps} steps: {str(err).replace('TrainConfig.', 'train.')}") from None
+
+
 def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> None:
     metrics = Path(output_dir) / METRICS_FILE
     if not metrics.is_file():
@@ -109,9 +152,12 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
     main = accelerator.is_main_process
     try:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-        train_set, val_set = load_data(cfg, tokenizer)
-        if main and train_set.skipped:
-            print(f"skipped {len(train_set.skipped)} malformed rows (first: {next(iter(train_set.skipped.values()))})", flush=True)
+        train_set, val_set = load_data(cfg, tokenizer, accelerator)
+        if main and train_set.skipped_count:
+            first = next(iter(train_set.skipped.items()))
+            print(f"skipped {train_set.skipped_count} rows that cannot be trained on (first: {first[0]}: {first[1]})", flush=True)
+        rows, collate_rows, lengths = training_rows(cfg, train_set, tokenizer.pad_token_id, main)
+        cfg = steps_from_epochs(cfg, len(rows), accelerator.num_processes, main)
         labels = num_labels_of(cfg, train_set)
         model = load_model(
             cfg.model.path, cfg.model.task, torch_dtype(cfg.model.dtype), cfg.model.quantization,
@@ -125,7 +171,7 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         collate = functools.partial(pad_collate, pad_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
         evaluate = None
         if val_set is not None:
-            evaluate = make_evaluator(cfg.model.task, val_set.rows, collate, cfg.data.eval_batch_size, accelerator,
+            evaluate = make_evaluator(cfg.model.task, val_set, collate, cfg.data.eval_batch_size, accelerator,
                                       tokenizer, labels or 2, cfg.data.eval_generate_tokens)
         cfg = resolve(cfg, model, main)
         if main:
@@ -133,17 +179,20 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         stages = None
         controller = budget_controller(cfg, model) if cfg.sparsity_budget is not None else None
         if cfg.sparsity_schedule is None:
-            model, _ = train(model, train_set, cfg.train, accelerator, collate_fn=collate, evaluate=evaluate, lambdas=controller)
+            model, _ = train(model, rows, cfg.train, accelerator, collate_fn=collate_rows, evaluate=evaluate, lambdas=controller, lengths=lengths)
             if controller is not None and main:
                 write_budget_plot(controller, output_dir)
         else:
-            subset = train_set.rows[: cfg.sparsity_schedule.train_subset]
+            subset = train_set.select(range(min(cfg.sparsity_schedule.train_subset, len(train_set))))
             memorize = make_evaluator(cfg.model.task, subset, collate, cfg.data.eval_batch_size, accelerator,
                                       tokenizer, labels or 2, cfg.data.eval_generate_tokens)
-            model, stages = run_stages(model, train_set, cfg.train, cfg.sparsity_schedule, accelerator, evaluate, memorize,
-                                       output_dir, collate_fn=collate)  # fmt: skip
+            model, stages = run_stages(model, rows, cfg.train, cfg.sparsity_schedule, accelerator, evaluate, memorize,
+                                       output_dir, collate_fn=collate_rows, lengths=lengths)  # fmt: skip
         report = sparsity_report(accelerator.unwrap_model(model))
-        summary = {"train_examples": len(train_set), "skipped_rows": len(train_set.skipped), "sparsity": report.to_dict()}
+        summary = {"train_examples": len(train_set), "skipped_rows": train_set.skipped_count, "skipped": train_set.skipped,
+                   "sparsity": report.to_dict()}  # fmt: skip
+        if cfg.data.packing:
+            summary["packed_rows"] = len(rows)
         if stages is not None:
             summary["stages"] = stages
         if controller is not None:

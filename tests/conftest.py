@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenized data sets are cached per test session, never in the user's cache (subprocesses inherit it).
+os.environ.setdefault("SORA_DIST_DATA_CACHE", __import__("tempfile").mkdtemp(prefix="sora-test-data-"))
 
 from pathlib import Path  # noqa: E402
 

@@ -101,6 +101,63 @@ def token_data(n: int = 48, seq_len: int = 16, vocab: int = 128, seed: int = 123
     return data
 
 
+def variable_data(n: int = 48, shortest: int = 4, longest: int = 32, vocab: int = 128, seed: int = 4321) -> list[dict]:
+    """Sequences of the token_data pattern whose lengths differ up to 8x (shortest..longest)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=g).tolist()
+    lengths[:2] = [shortest, longest]
+    data = []
+    for length in lengths:
+        a, b, x = (int(v) for v in torch.randint(1, vocab, (3,), generator=g))
+        seq = [x]
+        for _ in range(length - 1):
+            seq.append((a * seq[-1] + b) % vocab)
+        data.append({"input_ids": seq, "labels": seq})
+    return data
+
+
+def randomize_b(model, seed: int = 99) -> None:
+    """Non-zero B in every SoRA module (B starts at 0), so that A and the gates get gradients too."""
+    from sora_dist import sora_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in sora_modules(model):
+            module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * 0.05)
+
+
+def record_first_gradients(model, names: dict[int, str], store: dict) -> None:
+    """Keep the full gradient of every trainable parameter as the first optimizer step receives it.
+
+    DeepSpeed: after the last backward of the step, before the engine steps (``safe_get_full_grad``
+    gathers a ZeRO shard; every rank calls it). Elsewhere: at ``SoRAOptimizer.step()``.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import safe_get_full_grad
+
+    from sora_dist import SoRAOptimizer
+
+    def keep(grad_of) -> None:
+        if not store:
+            for param in model.parameters():
+                if id(param) in names:
+                    store[names[id(param)]] = grad_of(param).detach().float().cpu().clone()
+
+    engine_step, optimizer_step = DeepSpeedEngine.step, SoRAOptimizer.step
+
+    def step_engine(self, *args, **kwargs):
+        if self.is_gradient_accumulation_boundary():
+            keep(safe_get_full_grad)
+        return engine_step(self, *args, **kwargs)
+
+    def step_optimizer(self, *args, **kwargs):
+        if any(id(p) in names for group in self.param_groups for p in group["params"]):  # not ZeRO shards
+            keep(lambda param: param.grad)
+        return optimizer_step(self, *args, **kwargs)
+
+    DeepSpeedEngine.step, SoRAOptimizer.step = step_engine, step_optimizer
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -123,6 +180,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--count-collectives", action="store_true")
     p.add_argument("--zero-option", action="append", default=[], help="KEY=INT: override zero_optimization.KEY")
     p.add_argument("--lora", action="store_true", help="baseline: gates frozen at 1, no gate group (plain LoRA)")
+    p.add_argument("--variable-lengths", action="store_true", help="train on variable_data() (lengths 4..32), padded per micro-batch")
+    p.add_argument("--record-grads", action="store_true", help="write the first step's gradients to rank<r>_grads.safetensors")
     return p.parse_args()
 
 
@@ -136,6 +195,7 @@ def main() -> None:
 
     from sora_dist import SoRAConfig, inject_sora, sora_modules
     from sora_dist.backends import accelerate as engine
+    from sora_dist.data.collate import pad_collate, stack_collate
     from sora_dist.deploy.io import adapter_state
     from sora_dist.models import load_model
     from sora_dist.training.config import TrainConfig
@@ -165,6 +225,8 @@ def main() -> None:
         for _, module in sora_modules(model):
             module.gate.data.fill_(1.0)
             module.gate.requires_grad_(False)
+    if args.record_grads:
+        randomize_b(model)
     initial_gates = {name: m.gate.detach().clone() for name, m in sora_modules(model)}
     config = TrainConfig(
         steps=args.steps,
@@ -206,11 +268,17 @@ def main() -> None:
 
         engine.save_state = save_then_die
     data = token_data(seq_len=args.seq_len, vocab=model.config.vocab_size)
+    collate = stack_collate
+    if args.variable_lengths:
+        data, collate = variable_data(vocab=model.config.vocab_size), functools.partial(pad_collate, pad_id=0)
+    gradients: dict[str, torch.Tensor] = {}
+    if args.record_grads:
+        record_first_gradients(model, {id(p): n for n, p in model.named_parameters() if p.requires_grad}, gradients)
     if args.lora:
         model, optimizer = lora_loop(model, data, config, accelerator, on_step, counter)
     else:
         counter.active = True
-        model, optimizer = train(model, data, config, accelerator, on_step=on_step)
+        model, optimizer = train(model, data, config, accelerator, on_step=on_step, collate_fn=collate)
     counter.active = False
     facts["memory"] = model_state_bytes(accelerator.unwrap_model(model), optimizer)
     facts["step_times"] = step_times
@@ -226,6 +294,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(facts, indent=1))
+    if args.record_grads:
+        save_file(gradients, str(out / f"rank{rank}_grads.safetensors"))
     engine.end_of_run()
 
 

@@ -150,3 +150,20 @@ def test_classification_metrics_against_closed_forms():
     mx, my = sum(x) / 4, sum(y) / 4
     r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
     assert pearson(torch.tensor(x), torch.tensor(y)) == pytest.approx(r)
+
+
+def test_epochs_set_the_steps_and_config_yaml_records_them(tiny_model_dir, tmp_path):
+    """train.epochs 2 on 18 training rows of micro-batch 4: ceil(2 x 18 / 4) = 9 optimizer steps."""
+    path = write_config(tmp_path, tiny_model_dir)
+    raw = yaml.safe_load(path.read_text())
+    del raw["train"]["steps"]
+    raw["train"]["epochs"] = 2
+    path.write_text(yaml.safe_dump(raw))
+    assert run(train_main, [str(path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 9
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["train"]
+    assert saved["steps"] == 9 and saved["epochs"] == 0.0
+    raw["train"]["steps"] = 4
+    path.write_text(yaml.safe_dump(raw))
+    assert run(train_main, [str(path)]) == 2, "steps and epochs together are refused"

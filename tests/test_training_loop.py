@@ -118,3 +118,30 @@ def test_token_blocks_cut_the_stream_and_name_bad_lines(tmp_path):
     data.write_text('{"input_ids": [1]}\n{"other": 1}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:2: .*input_ids"):
         read_token_blocks(data, seq_len=1)
+
+
+def test_length_grouped_batches_cover_every_example_once_and_group_similar_lengths():
+    lengths = [(7 * i) % 53 + 1 for i in range(96)]
+    data = [{"input_ids": torch.zeros(n)} for n in lengths]
+    grouped = ShardedBatches(data, micro_batch_size=4, grad_accum=1, rank=0, world_size=1, seed=5, collate_fn=list, lengths=lengths)
+    plain = ShardedBatches(data, micro_batch_size=4, grad_accum=1, rank=0, world_size=1, seed=5, collate_fn=list)
+    epoch = [grouped._index(p) for p in range(len(data))]
+    assert sorted(epoch) == list(range(len(data)))
+    assert epoch == [grouped._index(p) for p in range(len(data))], "the order is fixed by the seed"
+
+    def padding(batches) -> int:
+        spans = [[lengths[batches._index(p)] for p in range(s, s + 4)] for s in range(0, len(data), 4)]
+        return sum(4 * max(span) - sum(span) for span in spans)
+
+    assert padding(grouped) < padding(plain) / 2
+
+
+def test_evaluation_shards_give_every_example_once_and_every_rank_the_same_number_of_batches():
+    from sora_dist.training.evaluate import shard_batches
+
+    examples = [{"id": i} for i in range(11)]
+    for world in (1, 2, 3, 4):
+        shards = [list(shard_batches(examples, 2, rank, world)) for rank in range(world)]
+        assert len({len(batches) for batches in shards}) == 1
+        seen = [e["id"] for batches in shards for chunk, weights in batches for e, w in zip(chunk, weights) if w > 0]
+        assert sorted(seen) == list(range(11))

@@ -18,7 +18,8 @@ def stack_collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
 
 
 def pad_collate(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions get attention 0 and label -100."""
+    """Right-pad a batch; padded positions get attention 0 and label -100 (the attention mask comes
+    from each example's length)."""
     width = max(len(e["input_ids"]) for e in examples)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
 
@@ -27,9 +28,9 @@ def pad_collate(examples: Sequence[dict], pad_id: int, pad_to_multiple_of: int =
 
     batch = {
         "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
-        "attention_mask": torch.tensor([pad(e["attention_mask"], 0) for e in examples]),
+        "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]),
     }
-    if not isinstance(examples[0]["labels"], list):  # one class index (or regression target) per example
+    if not isinstance(examples[0]["labels"], (list, torch.Tensor)):  # one class index (or regression target) per example
         batch["labels"] = torch.tensor([e["labels"] for e in examples])
     else:
         batch["labels"] = torch.tensor([pad(e["labels"], IGNORE) for e in examples])

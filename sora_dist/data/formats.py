@@ -2,21 +2,19 @@
 
 - ``instruction``: ``instruction``, optional ``input``, ``output``; loss on the output only.
 - ``chat``: ``messages`` = [{"role", "content"}, ...] rendered with the tokenizer's chat template;
-  loss only on the assistant turns.
+  loss only on the assistant turns (:mod:`sora_dist.data.chat`).
 - ``text``: ``text``; causal LM loss on every token of each row.
 - ``blocks``: ``text`` or ``input_ids``; every row's tokens joined into one stream (EOS between
   rows) and cut into ``max_length`` blocks, loss on every token (continued pre-training).
 - ``classification``: ``text``, optional ``text_pair``, ``label`` (a class name or an integer).
 
-Every example becomes ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where no loss is
-taken). A malformed row raises :class:`DataError` naming the file and row.
+Every example becomes ``input_ids`` and ``labels`` (``-100`` where no loss is taken). A malformed
+row raises :class:`DataError` naming the file and row.
 """
 
 from __future__ import annotations
 
 import torch
-
-from .config import FORMATS  # noqa: F401  (the vocabulary lives with the YAML section)
 
 IGNORE = -100
 INSTRUCTION_TEMPLATE = "{instruction}\n\n{input}"
@@ -55,41 +53,6 @@ def encode_text(row: dict, tokenizer, where: str) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def encode_chat(row: dict, tokenizer, where: str) -> dict:
-    """Render with the chat template; label the tokens each assistant turn adds, nothing else.
-
-    Each assistant turn's tokens are the difference between the rendering up to and including
-    it and the rendering of what precedes it with the generation prompt.
-    """
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
-            raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message, so nothing to learn")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: the tokenizer has no chat template; use format 'instruction' or 'text'")
-
-    def render(upto: int, generation_prompt: bool) -> list[int]:
-        if upto == 0:
-            return []
-        text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    ids = render(len(messages), False)
-    labels = [IGNORE] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start, end = len(render(i, True)), len(render(i + 1, False))
-        if ids[:end] != render(i + 1, False):
-            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; cannot mask turns")
-        labels[start:end] = ids[start:end]
-    return {"input_ids": ids, "labels": labels}
-
-
 def encode_classification(row: dict, tokenizer, where: str, label_names: list[str] | None) -> dict:
     text = _text(row, "text", where)
     pair = row.get("text_pair")
@@ -108,15 +71,9 @@ def encode_classification(row: dict, tokenizer, where: str, label_names: list[st
     return {"input_ids": encoded["input_ids"], "labels": int(label)}
 
 
-def collect_label_names(rows: list[dict]) -> list[str] | None:
-    """Sorted class names when labels are text; None when they are integers."""
-    names = {r.get("label") for r in rows if isinstance(r.get("label"), str)}
-    return sorted(names) if names else None
-
-
 def token_blocks(ids: list[int], block_len: int, where: str) -> list[dict]:
     """Cut one token stream into ``block_len`` blocks (the remainder is dropped); loss on every token."""
     if len(ids) < block_len:
         raise DataError(f"{where}: {len(ids)} tokens in all, fewer than one block of {block_len}")
     blocks = torch.tensor(ids[: len(ids) // block_len * block_len]).view(-1, block_len)
-    return [{"input_ids": block, "attention_mask": [1] * block_len, "labels": block.tolist()} for block in blocks]
+    return [{"input_ids": block, "labels": block.tolist()} for block in blocks]

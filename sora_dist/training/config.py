@@ -16,7 +16,8 @@ LR_DECAYS = ("constant", "linear", "cosine")
 class TrainConfig:
     """Settings of one training run. Batch sizes are per rank; steps count optimizer steps."""
 
-    steps: int = option(100, "optimizer steps (not micro-batches)")
+    steps: int = option(100, "optimizer steps (not micro-batches); or give epochs")
+    epochs: float = option(0.0, "passes over the training set instead of steps (steps = ceil(epochs x examples / global batch))")
     micro_batch_size: int = option(8, "examples per micro-batch per process")
     grad_accum: int = option(1, "micro-batches per optimizer step; global batch = micro_batch_size x grad_accum x processes")
     lr: float = option(2e-4, "peak learning rate of A, B (and modules_to_save)")
@@ -51,6 +52,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"TrainConfig.{key}: must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.epochs) and self.epochs >= 0):
+            raise ConfigError(f"TrainConfig.epochs: must be a finite number >= 0, got {self.epochs}")
         for key in ("save_every", "log_every", "eval_every", "lambda_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"TrainConfig.{key}: must be >= 0, got {getattr(self, key)}")

@@ -1,6 +1,7 @@
 """Periodic evaluation during training: loss and perplexity, generated-answer accuracy, or
-classification metrics. Every rank evaluates the whole (small) validation set, so the call is
-safe under ZeRO-3, where every forward needs every rank."""
+classification metrics. The validation set is split across ranks and the results are summed over
+them: each rank evaluates its share, and every rank runs the same number of forward passes (a rank
+with fewer examples repeats one with weight 0), as ZeRO-3 and DDP's buffer broadcast need."""
 
 from __future__ import annotations
 
@@ -15,61 +16,94 @@ from ..data.formats import IGNORE
 from .metrics import classification_metrics, pearson
 
 
-def _batches(examples: Sequence[dict], size: int):
-    for start in range(0, len(examples), size):
-        yield examples[start : start + size]
+def shard_batches(examples: Sequence[dict], size: int, rank: int, world: int):
+    """This rank's batches of its share ``examples[rank::world]``, each with a weight per example
+    (0 for the padding that gives every rank the same number of batches)."""
+    share = list(range(rank, len(examples), world))
+    per_rank = -(-len(examples) // world)
+    batches = -(-per_rank // size)
+    for b in range(batches):
+        indices = share[b * size : (b + 1) * size]
+        weights = [1.0] * len(indices)
+        if not indices:  # nothing left for this rank: one dummy example keeps the forwards in step
+            indices, weights = [0], [0.0]
+        yield [examples[i] for i in indices], weights
+
+
+def _sum_over_ranks(accelerator, values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        tensor = accelerator.reduce(tensor, reduction="sum")
+    return tensor.tolist()
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of every labelled token, per row."""
+    shifted = labels[:, 1:]
+    losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="none")
+    return losses.view(shifted.shape).sum(-1)
 
 
 @torch.no_grad()
 def lm_loss(model: nn.Module, examples: Sequence[dict], collate_fn, batch_size: int, accelerator) -> dict:
-    """Token-weighted mean loss over the labelled tokens, and its perplexity."""
-    total, tokens = 0.0, 0
-    for chunk in _batches(examples, batch_size):
+    """Token-weighted mean loss over the labelled tokens of every rank's share, and its perplexity."""
+    total, tokens = 0.0, 0.0
+    for chunk, weights in shard_batches(examples, batch_size, accelerator.process_index, accelerator.num_processes):
         batch = engine.to_device(collate_fn(chunk), accelerator)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        total += loss.item()
-        tokens += int((labels != IGNORE).sum())
-    mean = total / max(tokens, 1)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits
+        weight = torch.tensor(weights, device=logits.device)
+        total += float((token_losses(logits, batch["labels"]) * weight).sum())
+        tokens += float(((batch["labels"][:, 1:] != IGNORE).sum(-1) * weight).sum())
+    total, tokens = _sum_over_ranks(accelerator, [total, tokens])
+    mean = total / max(tokens, 1.0)
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
 @torch.no_grad()
 def generate_answers(model: nn.Module, examples: Sequence[dict], tokenizer, batch_size: int, max_new_tokens: int,
-                     device, synced_gpus: bool = False) -> list[str]:
+                     device, synced_gpus: bool = False) -> list[str]:  # fmt: skip
     """Greedy continuations of each example's prompt: what precedes its first labelled token.
 
     This covers instruction data and single-turn chat data alike. Prompts are left-padded.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies = []
-    for chunk in _batches(examples, batch_size):
-        prompts = [e["input_ids"][: first_label(e)] for e in chunk]
+    for start in range(0, len(examples), batch_size):
+        prompts = [list(e["input_ids"][: first_label(e)]) for e in examples[start : start + batch_size]]
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, synced_gpus=synced_gpus)
+                             pad_token_id=pad, synced_gpus=synced_gpus)  # fmt: skip
         replies += [tokenizer.decode(generated, skip_special_tokens=True) for generated in out[:, width:]]
     return replies
 
 
+def is_correct(reply: str, example: dict, tokenizer) -> bool:
+    """The reply starts with the reference answer (the labelled tokens), case-insensitively."""
+    answer = normalize(tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE], skip_special_tokens=True))
+    return answer != "" and normalize(reply).startswith(answer)
+
+
 def answer_accuracy(replies: Sequence[str], examples: Sequence[dict], tokenizer) -> float:
-    """Share of replies that start with the reference answer (the labelled tokens), case-insensitively."""
-    correct = 0
-    for reply, example in zip(replies, examples):
-        answer = normalize(tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE], skip_special_tokens=True))
-        correct += int(answer != "" and normalize(reply).startswith(answer))
-    return correct / len(examples)
+    """Share of replies that start with the reference answer."""
+    return sum(is_correct(reply, example, tokenizer) for reply, example in zip(replies, examples)) / len(examples)
 
 
 def generated_accuracy(model: nn.Module, examples: Sequence[dict], tokenizer, batch_size: int, max_new_tokens: int, accelerator) -> dict:
+    """Generated-answer accuracy over every rank's share."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     synced = is_deepspeed_zero3_enabled() and accelerator.num_processes > 1
-    replies = generate_answers(accelerator.unwrap_model(model), examples, tokenizer, batch_size, max_new_tokens, accelerator.device, synced)
-    return {"generated_accuracy": answer_accuracy(replies, examples, tokenizer)}
+    bare = accelerator.unwrap_model(model)
+    correct = counted = 0.0
+    for chunk, weights in shard_batches(examples, batch_size, accelerator.process_index, accelerator.num_processes):
+        replies = generate_answers(bare, chunk, tokenizer, len(chunk), max_new_tokens, accelerator.device, synced)
+        correct += sum(w * is_correct(r, e, tokenizer) for r, e, w in zip(replies, chunk, weights))
+        counted += sum(weights)
+    correct, counted = _sum_over_ranks(accelerator, [correct, counted])
+    return {"generated_accuracy": correct / max(counted, 1.0)}
 
 
 def first_label(example: dict) -> int:
@@ -80,23 +114,37 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".!").split())
 
 
+def _gather(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-d ``values`` concatenated (lengths may differ)."""
+    if accelerator.num_processes == 1:
+        return values
+    size = torch.tensor([values.numel()], device=values.device)
+    sizes = accelerator.gather(size).tolist()
+    padded = torch.zeros(max(sizes), dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    pieces = accelerator.gather(padded).view(len(sizes), -1)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+
+
 @torch.no_grad()
 def classification(model: nn.Module, examples: Sequence[dict], collate_fn, batch_size: int, accelerator, num_labels: int) -> dict:
-    """Accuracy, macro F1 and MCC (or Pearson for a 1-output regression head)."""
+    """Accuracy, macro F1 and MCC (or Pearson for a 1-output regression head) over every rank's share."""
     predictions, labels = [], []
-    for chunk in _batches(examples, batch_size):
+    for chunk, weights in shard_batches(examples, batch_size, accelerator.process_index, accelerator.num_processes):
         batch = engine.to_device(collate_fn(chunk), accelerator)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        predictions.append(logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1))
-        labels.append(batch["labels"])
-    predictions, labels = torch.cat(predictions).cpu(), torch.cat(labels).cpu()
+        keep = torch.tensor(weights, device=logits.device) > 0
+        predictions.append((logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1).float())[keep])
+        labels.append(batch["labels"].float()[keep])
+    predictions = _gather(accelerator, torch.cat(predictions)).cpu()
+    labels = _gather(accelerator, torch.cat(labels)).cpu()
     if num_labels == 1:
-        return {"pearson": pearson(predictions, labels.float()), "mse": float(((predictions - labels.float()) ** 2).mean())}
-    return classification_metrics(predictions, labels, num_labels)
+        return {"pearson": pearson(predictions, labels), "mse": float(((predictions - labels) ** 2).mean())}
+    return classification_metrics(predictions.long(), labels.long(), num_labels)
 
 
 def make_evaluator(task: str, examples: Sequence[dict], collate_fn, batch_size: int, accelerator,
-                   tokenizer=None, num_labels: int = 2, generate_tokens: int = 0) -> Callable[[nn.Module], dict]:
+                   tokenizer=None, num_labels: int = 2, generate_tokens: int = 0) -> Callable[[nn.Module], dict]:  # fmt: skip
     """The ``evaluate(model) -> metrics`` callback of :func:`sora_dist.training.loop.train`."""
 
     def evaluate(model: nn.Module) -> dict:

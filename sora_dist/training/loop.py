@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backends import accelerate as engine
 from ..core.optim import GATE_FLAG, SoRAOptimizer, mark_sharded, sora_param_groups
 from ..data.collate import stack_collate
+from ..data.formats import IGNORE
 from ..deploy.io import save_sora
 from ..deploy.layout import adapter_dir, latest_checkpoint
 from ..sparsity.controller import LambdaController
@@ -85,16 +87,49 @@ def lambda_schedule(config: TrainConfig) -> LambdaSchedule:
     return LambdaSchedule(config.lambda_kind, config.lambda_start, config.lambda_end, config.lambda_steps)
 
 
+def token_level(batch: dict) -> bool:
+    """A causal LM batch (one label per token) rather than one label per example."""
+    labels = batch.get("labels")
+    return labels is not None and labels.dim() == 2
+
+
+def loss_scale(micro_batches: list[dict], accelerator) -> torch.Tensor:
+    """(processes x micro-batches) / target tokens of the whole optimizer step, over every rank.
+
+    The backend divides each micro-batch's loss by the micro-batches (Accelerate or DeepSpeed) and
+    averages the gradients over the processes (DDP, ZeRO); scaling each micro-batch's summed token
+    loss by this factor makes the step's gradient the mean over all its target tokens, whatever the
+    split into micro-batches and ranks. One all-reduce per step, no host sync.
+    """
+    local = sum((batch["labels"][:, 1:] != IGNORE).sum() for batch in micro_batches)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    return (accelerator.num_processes * len(micro_batches)) / total.clamp_min(1).float()
+
+
+def summed_token_loss(model, batch: dict) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the labelled tokens of ``batch``."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 def optimizer_step(model, optimizer, batches: ShardedBatches, step: int, accelerator, config: TrainConfig) -> torch.Tensor:
-    """Run the ``grad_accum`` micro-batches of one optimizer step; returns this rank's mean loss.
+    """Run the ``grad_accum`` micro-batches of one optimizer step; returns this rank's share of the
+    step's loss (its mean over the ranks is the step's loss).
+
+    Causal LM data: the loss of the step is the sum of its token losses over every micro-batch and
+    rank divided by its target tokens (:func:`loss_scale`). Classification: the mean over the
+    examples of the global batch (every micro-batch has the same number of examples).
 
     Under DeepSpeed the last ``accelerator.backward`` performs the step (averaging, clipping, our
     ``SoRAOptimizer.step``); ``optimizer.step()`` is then a no-op. Elsewhere DDP averages during the
     last backward and ``optimizer.step()`` runs after clipping.
     """
+    micro_batches = [engine.to_device(batches(step, micro), accelerator) for micro in range(config.grad_accum)]
+    scale = loss_scale(micro_batches, accelerator) if token_level(micro_batches[0]) else None
     total = torch.zeros((), device=accelerator.device)
-    for micro in range(config.grad_accum):
-        batch = engine.to_device(batches(step, micro), accelerator)
+    for micro, batch in enumerate(micro_batches):
         with accelerator.accumulate(model):
             if accelerator.sync_gradients != (micro == config.grad_accum - 1):
                 raise RuntimeError(
@@ -102,7 +137,7 @@ def optimizer_step(model, optimizer, batches: ShardedBatches, step: int, acceler
                     "build the Accelerator with gradient_accumulation_steps=TrainConfig.grad_accum and call "
                     "accelerator.accumulate() nowhere else"
                 )
-            loss = model(**batch).loss
+            loss = model(**batch).loss if scale is None else summed_token_loss(model, batch) * scale
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 engine.clip_gradients(accelerator, model, config.max_grad_norm)
@@ -121,6 +156,7 @@ def train(
     collate_fn: Callable[[Sequence[dict]], dict] = stack_collate,
     evaluate: Callable[[nn.Module], dict] | None = None,
     lambdas: LambdaController | None = None,
+    lengths: Sequence[int] | None = None,
 ):
     """Train the SoRA adapter of ``model`` on ``dataset`` (a sequence of example dicts).
 
@@ -131,7 +167,8 @@ def train(
     ``eval_every`` steps and at the end. ``on_step(step, model, optimizer)`` runs after each
     optimizer step on every rank. A NaN/inf loss stops the run (:class:`NonFiniteLoss`). Returns
     the backend-wrapped (model, optimizer). ``lambdas`` replaces the ramp of ``config.lambda_*``:
-    any LambdaController, e.g. a BudgetController (λ chosen from the live count).
+    any LambdaController, e.g. a BudgetController (λ chosen from the live count). ``lengths`` (one
+    per example) turns on length-grouped batching.
     """
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(
@@ -141,7 +178,8 @@ def train(
     optimizer = build_optimizer(model, config)
     lambdas = lambda_schedule(config) if lambdas is None else lambdas
     model, wrapped = prepare(accelerator, model, optimizer, config)
-    batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes, config.seed, collate_fn)
+    batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes,
+                             config.seed, collate_fn, lengths)  # fmt: skip
     step = 0
     found = latest_checkpoint(config.output_dir) if config.output_dir and config.resume else None
     if found is not None:

@@ -106,6 +106,7 @@ def run_stages(
     memorize: Callable[[nn.Module], dict],
     output_dir: str | Path,
     collate_fn: Callable[[Sequence[dict]], dict] = stack_collate,
+    lengths: Sequence[int] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Train ``model`` through the stages of ``schedule``; returns (model as wrapped, one row per stage).
 
@@ -130,7 +131,7 @@ def run_stages(
         adapter_params = physical_adapter_params(model)
         timer = StepTimer()
         started = time.perf_counter()
-        model, _ = train(model, dataset, config, accelerator, collate_fn=collate_fn, evaluate=recorder, on_step=timer)
+        model, _ = train(model, dataset, config, accelerator, collate_fn=collate_fn, evaluate=recorder, on_step=timer, lengths=lengths)
         step_time = timer.mean(time.perf_counter() - started, config.steps)
         name, validation = score(recorder.results[-1])
         _, memorized = score(memorize(model))
