@@ -18,7 +18,8 @@ imports and the tokenizer, its map workers included):
 - ``cached``: the same call again, which loads the tokenized set from the cache;
 - the same at ``--small`` rows, to show that memory does not grow with the row count.
 
-Then training throughput on SmolLM2 (fp32, SoRA r=8 on every projection, micro-batch 8): useful
+Then training throughput on SmolLM2 (fp32, gradient checkpointing, SoRA r=8 on every projection,
+micro-batch 8): useful
 (non-pad, labelled or not) tokens per second with packing into ``--max-length`` rows against random
 micro-batches padded to their longest example.
 """
@@ -65,19 +66,26 @@ def build_chats(rows: int, seed: int = 0) -> list[dict]:
     return chats
 
 
-def peak_rss_mib() -> float:
-    """Peak RSS of this process and of its finished children (map workers), MiB (Linux: KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
-
-
-def current_rss_mib() -> float:
+def status_mib(field: str) -> float:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM (the peak RSS) afresh from the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def peak_growth_mib(base: float) -> float:
+    """Peak RSS since :func:`reset_peak_rss` over ``base``, of this process or of a map worker
+    (forked children: their RSS counts the pages they share with this process)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return max(status_mib("VmHWM"), children) - base
 
 
 def worker(variant: str, data: str, num_proc: int, max_length: int, cache: str) -> dict:
@@ -92,7 +100,8 @@ def worker(variant: str, data: str, num_proc: int, max_length: int, cache: str) 
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    base = current_rss_mib()
+    base = status_mib("VmRSS")
+    reset_peak_rss()
     start = time.perf_counter()
     if variant == "baseline":
 
@@ -107,7 +116,7 @@ def worker(variant: str, data: str, num_proc: int, max_length: int, cache: str) 
         out = prepare_split([data], "data.train_file", tokenizer, "chat", max_length, on_error="skip", num_proc=num_proc)
         rows, tokens = len(out), sum(out.lengths)
     seconds = time.perf_counter() - start
-    return {"variant": variant, "seconds": seconds, "rows": rows, "tokens": tokens, "rss_growth_mib": peak_rss_mib() - base}
+    return {"variant": variant, "seconds": seconds, "rows": rows, "tokens": tokens, "rss_growth_mib": peak_growth_mib(base)}
 
 
 def run_worker(args, variant: str, data: Path, cache: Path) -> dict:
@@ -138,6 +147,7 @@ def throughput(args, data: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     examples = prepare_split([str(data)], "data.train_file", tokenizer, "chat", args.max_length, on_error="skip", num_proc=args.num_proc)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # 8 x 1024 fp32 fits in 24 GB
     inject_sora(model, SoRAConfig(r=8, alpha=16), verbose=False)
     optimizer = SoRAOptimizer(sora_param_groups(model, lr=1e-5, gate_lr=1e-3))
     model.train()
@@ -179,6 +189,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2,000 / 1,000 rows, 1 training step of 512 tokens")
+    parser.add_argument("--only", choices=["preparation", "training"], help="run one of the two parts")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -197,7 +208,7 @@ def main() -> None:
             files[n] = scratch / f"chats_{n}.jsonl"
             files[n].write_text("".join(json.dumps(c) + "\n" for c in chats[:n]))
         results = {}
-        for n in (args.rows, args.small):
+        for n in (args.rows, args.small) if args.only != "training" else ():
             cache = scratch / f"cache_{n}"
             results[n] = {
                 "baseline": run_worker(args, "baseline", files[n], cache),
@@ -205,15 +216,18 @@ def main() -> None:
                 "cached": run_worker(args, "cached", files[n], cache),
             }
             shutil.rmtree(cache, ignore_errors=True)
-        results["training"] = throughput(args, files[args.small])
-        report(args, results)
+        if args.only != "training":
+            report_preparation(args, results)
+        if args.train_steps and args.only != "preparation":
+            results["training"] = throughput(args, files[args.small])
+            report_training(args, results["training"])
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def report(args, results: dict) -> None:
+def report_preparation(args, results: dict) -> None:
     big, small = results[args.rows], results[args.small]
     print(f"== data preparation: {args.rows:,} chats ({big['cold']['tokens']:,} tokens), SmolLM2 tokenizer, num_proc {args.num_proc}")
     print(f"{'variant':<10} {'rows':>9} {'seconds':>9} {'peak RSS growth MiB':>20}")
@@ -225,9 +239,11 @@ def report(args, results: dict) -> None:
     print(f"cold / baseline peak RSS growth: {big['cold']['rss_growth_mib'] / max(big['baseline']['rss_growth_mib'], 1e-9):.2f}x (target <= 1.5x)")
     print(f"peak RSS growth {args.small:,} -> {args.rows:,} rows ({args.rows / args.small:.0f}x the rows): "
           f"ours {small['cold']['rss_growth_mib']:.1f} -> {big['cold']['rss_growth_mib']:.1f} MiB, "
-          f"baseline {small['baseline']['rss_growth_mib']:.1f} -> {big['baseline']['rss_growth_mib']:.1f} MiB")  # fmt: skip
-    train = results["training"]
-    print(f"== training throughput: SmolLM2 fp32, SoRA r=8, micro-batch {args.micro_batch}, {args.train_steps} timed steps each")
+          f"baseline {small['baseline']['rss_growth_mib']:.1f} -> {big['baseline']['rss_growth_mib']:.1f} MiB", flush=True)  # fmt: skip
+
+
+def report_training(args, train: dict) -> None:
+    print(f"== training throughput: SmolLM2 fp32 (gradient checkpointing), SoRA r=8, micro-batch {args.micro_batch}, {args.train_steps} timed steps each")
     for name in ("padded", "packed"):
         r = train[name]
         print(f"{name:<8} useful tokens/s {r['useful_tokens_per_s']:8.1f}   useful fraction of the batch {100 * r['useful_fraction']:.1f}%")

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from .backends.accelerate import launch_ds_config, offloads_optimizer
 from .backends.dtypes import LONG_NAMES, MIXED_PRECISIONS
+from .backends.optimizers import check_optimizer
 from .core.config import GATE_UPDATES, SoRAConfig
 from .data.config import DataConfig
 from .options import ConfigError, choice, help_of, option
@@ -227,7 +229,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
         check_stages(config)
     if config.sparsity_budget is not None:
         check_budget(config)
+    check_optimizer_choice(config)
     return config
+
+
+def check_optimizer_choice(config: RunConfig) -> None:
+    """train.optimizer against the DeepSpeed config the run will use (offload) and what is installed."""
+    try:
+        check_optimizer(config.train.optimizer, offloads_optimizer(launch_ds_config(config.distributed.deepspeed_config)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_budget(config: RunConfig) -> None:

@@ -103,6 +103,25 @@ def load_ds_config(ds_config: str | os.PathLike | dict) -> dict:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON in the DeepSpeed config: {err.msg}") from err
 
 
+def offloads_optimizer(ds_config: dict | None) -> bool:
+    """The DeepSpeed config moves the optimizer state to CPU memory or NVMe (ZeRO-Offload)."""
+    device = ((ds_config or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return str(device).lower() in ("cpu", "nvme")
+
+
+def launch_ds_config(ds_config: str | os.PathLike | None) -> dict | None:
+    """The DeepSpeed config a run will use: the given file, else the one ``accelerate launch`` names."""
+    path = ds_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or str(path).lower() == "none":
+        return None
+    return load_ds_config(path)
+
+
+def engine_ds_config(accelerator) -> dict | None:
+    """The DeepSpeed config of a prepared-to-be DeepSpeed run; None elsewhere."""
+    return accelerator.state.deepspeed_plugin.deepspeed_config if uses_deepspeed(accelerator) else None
+
+
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

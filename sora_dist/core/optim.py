@@ -1,4 +1,4 @@
-"""SoRAOptimizer: AdamW for the adapter weights, a proximal step for the gates (docs/method.md).
+"""SoRAOptimizer: any inner optimizer for the adapter weights, a proximal step for the gates (docs/method.md).
 
 Every operation on a gate is elementwise, so ``step()`` is equally correct on whole tensors (single
 process, DDP, ZeRO-0) and on the flat fp32 shards that DeepSpeed ZeRO-1/2/3 puts in a group's
@@ -51,14 +51,22 @@ def _shrink(z: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
 
 
 class SoRAOptimizer(torch.optim.Optimizer):
-    """One optimizer for a SoRA model; build its groups with :func:`sora_param_groups`.
+    """One optimizer for a SoRA model around an inner optimizer; build its groups with
+    :func:`sora_param_groups`.
 
-    Non-gate groups take a decoupled-weight-decay Adam step (AdamW). Gate groups
-    (``sora_gate=True``) take ``prox_adam`` (Adam moments, bias-corrected, then S_τ) or
-    ``prox_sgd`` (g − η∇g, then S_τ), never with weight decay.
+    Every non-gate group is stepped by the inner optimizer (``inner``: a ``torch.optim.Optimizer``
+    class or a callable taking the groups; default ``torch.optim.AdamW``; ``inner_kwargs`` go to
+    it) exactly as that optimizer would step it alone. Gate groups (``sora_gate=True``) take
+    ``prox_adam`` (the inner's own Adam step when it is an Adam, with no weight decay; else the
+    bias-corrected Adam below) or ``prox_sgd`` (g − η∇g), then S_τ.
+
+    The inner optimizer holds the very group dicts of this one and shares its ``state``: when
+    DeepSpeed ZeRO-1/2/3 swaps a group's ``params`` for this rank's flat fp32 shard, the inner one
+    steps that shard, and ``state_dict``/``load_state_dict`` cover both.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 inner=None, **inner_kwargs):  # fmt: skip
         if lr < 0:
             raise ValueError(f"learning rate must be >= 0, got {lr}")
         defaults = dict(
@@ -68,7 +76,26 @@ class SoRAOptimizer(torch.optim.Optimizer):
             weight_decay=weight_decay,
             **{GATE_FLAG: False, GATE_UPDATE: "prox_adam", THRESHOLD: "lr_scaled", LAMBDA: 0.0},
         )
+        self.inner_factory, self.inner_kwargs, self.inner = inner or torch.optim.AdamW, dict(inner_kwargs), None
         super().__init__(params, defaults)
+        self._build_inner()
+
+    def _build_inner(self) -> None:
+        adapters = [g for g in self.param_groups if not g[GATE_FLAG]]
+        self.inner = self.inner_factory(adapters, **self.inner_kwargs) if adapters else None
+        if self.inner is None:
+            return
+        self.inner.state = self.state  # one state for both: DeepSpeed and checkpoints see it whole
+        for group in self.param_groups:
+            if self._inner_steps(group) and group[GATE_FLAG]:
+                self.inner.add_param_group(group)
+
+    def inner_is_adam(self) -> bool:
+        return self.inner is not None and "adam" in type(self.inner).__name__.lower()
+
+    def _inner_steps(self, group: dict) -> bool:
+        """Adapter groups always; a prox_adam gate group when the inner optimizer is an Adam."""
+        return not group[GATE_FLAG] or (group[GATE_UPDATE] == "prox_adam" and self.inner_is_adam())
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (``__init__`` adds each of its groups here too) and validate its settings."""
@@ -79,6 +106,18 @@ class SoRAOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self.inner is not None and self._inner_steps(group):
+            self.inner.add_param_group(group)
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles and deep-copies only defaults, state and groups; the inner one too
+        return {**super().__getstate__(), "inner": self.inner, "inner_factory": self.inner_factory, "inner_kwargs": self.inner_kwargs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.inner is not None:  # torch rebuilt the groups and the state: hand them to the inner optimizer again
+            self.inner.param_groups = [g for g in self.param_groups if self._inner_steps(g)]
+            self.inner.state = self.state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,11 +125,11 @@ class SoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.inner is not None:
+            self.inner.step()
         for group in self.param_groups:
             if group[GATE_FLAG]:
                 self._gate_step(group)
-            else:
-                self._adamw_step(group)
         return loss
 
     def _adam_state(self, param: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -107,14 +146,12 @@ class SoRAOptimizer(torch.optim.Optimizer):
         return state["exp_avg"], state["exp_avg_sq"], -group["lr"] / bias1, math.sqrt(bias2)
 
     def _adam_update_(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> None:
-        """Bias-corrected Adam on a list of tensors, the single-tensor formula of torch AdamW:
+        """The gates' Adam step when the inner optimizer is no Adam (e.g. SGD): bias-corrected, in
+        torch AdamW's single-tensor formula, as ``torch._foreach_*`` ops (our own only because such
+        an inner optimizer has no Adam to lend):
 
             m <- lerp(m, g, 1 - beta1);  v <- beta2 v + (1 - beta2) g^2
             p <- p - lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps)
-
-        as ``torch._foreach_*`` ops: a few multi-tensor kernels on CUDA instead of ~8 launches per
-        tensor; on CPU they run the same per-tensor kernels (bit-identical results). Each tensor
-        keeps its own step count (a parameter that missed a step has its own bias correction).
         """
         exp_avgs, exp_avg_sqs, step_sizes, bias2_sqrts = zip(*(self._adam_state(p, group) for p in params))
         exp_avgs, exp_avg_sqs = list(exp_avgs), list(exp_avg_sqs)
@@ -127,24 +164,17 @@ class SoRAOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, exp_avgs, denom, list(step_sizes))
 
-    def _adamw_step(self, group: dict) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-        self._adam_update_(params, [p.grad for p in params], group)
-
     def _gate_step(self, group: dict) -> None:
         tau = prox_threshold(group["lr"], group[LAMBDA], group[THRESHOLD])
         gates = [g for g in group["params"] if g.grad is not None]
         if not gates:
             return
         grads = [g.grad for g in gates]
-        if group[GATE_UPDATE] == "prox_adam":
-            self._adam_update_(gates, grads, group)
-        else:
+        if group[GATE_UPDATE] == "prox_sgd":
             torch._foreach_add_(gates, grads, alpha=-group["lr"])
+        elif not self._inner_steps(group):
+            self._adam_update_(gates, grads, group)
+        # (else the inner Adam already took the gradient step: gates now hold z, before S_τ)
         if group.get(KEEP) is not None:
             # Budget mode: the smallest τ (at most the one above) that leaves KEEP gates alive.
             tau = torch.clamp(keep_threshold(gates, group[KEEP], group.get(SHARDED, False)), max=tau)

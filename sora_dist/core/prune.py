@@ -129,6 +129,11 @@ def carry_optimizer(optimizer: SoRAOptimizer, mapping: dict) -> SoRAOptimizer:
             f"carrying optimizer state needs a plain SoRAOptimizer, got {type(optimizer).__name__} "
             "(under DeepSpeed/Accelerate compact between runs and build a fresh optimizer)"
         )
+    if optimizer.inner is not None and not type(optimizer.inner).__module__.startswith("torch."):
+        raise TypeError(
+            f"carrying optimizer state is done for torch's optimizers, not {type(optimizer.inner).__name__} "
+            "(blockwise-quantized state cannot be sliced by rank): compact between runs instead"
+        )
     groups, state = [], {}
     for group in optimizer.param_groups:
         params = []
@@ -142,7 +147,8 @@ def carry_optimizer(optimizer: SoRAOptimizer, mapping: dict) -> SoRAOptimizer:
                 state[new] = dict(old) if keep is None else _slice_state(old, param, keep, dim)
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
     defaults = optimizer.defaults
-    carried = SoRAOptimizer(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"])
+    carried = SoRAOptimizer(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], weight_decay=defaults["weight_decay"],
+                            inner=optimizer.inner_factory, **optimizer.inner_kwargs)  # fmt: skip
     for param, value in state.items():
         carried.state[param] = value
     return carried

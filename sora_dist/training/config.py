@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..backends.optimizers import OPTIMIZERS
 from ..core.config import GATE_UPDATES, THRESHOLDS
 from ..options import ConfigError, choice, option
 from ..sparsity.config import check_lambda_ramp
@@ -28,6 +29,11 @@ class TrainConfig:
     warmup_steps: int = option(0, "linear warm-up steps of both learning rates")
     lr_decay: str = option("linear", "constant | linear | cosine decay after warm-up")
     max_grad_norm: float = option(1.0, "global gradient-norm clipping (0 = off)")
+    optimizer: str = option(
+        "adamw_torch",
+        "inner optimizer of A and B (and Adam gates): adamw_torch | adamw_torch_fused | adamw_8bit | paged_adamw_8bit | "
+        "paged_adamw_32bit (bitsandbytes) | sgd; under DeepSpeed optimizer offload, adamw_* use DeepSpeed's CPU Adam",
+    )
     gate_update: str = option("prox_adam", "prox_adam (released code) | prox_sgd (paper)")
     threshold: str = option("lr_scaled", "lr_scaled (tau = lr x lambda, the paper) | fixed (tau = lambda)")
     lambda_kind: str = option("constant", "constant | linear | geometric ramp of lambda")
@@ -59,6 +65,7 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{key}: must be >= 0, got {getattr(self, key)}")
         choice("TrainConfig.lr_decay", self.lr_decay, LR_DECAYS)
         choice("TrainConfig.gate_update", self.gate_update, GATE_UPDATES)
+        choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
         choice("TrainConfig.threshold", self.threshold, THRESHOLDS)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"TrainConfig.warmup_steps: must be in [0, steps={self.steps}), got {self.warmup_steps}")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import accelerate as engine
+from ..backends.optimizers import inner_optimizer
 from ..core.optim import GATE_FLAG, SoRAOptimizer, mark_sharded, sora_param_groups
 from ..data.collate import stack_collate
 from ..data.formats import IGNORE
@@ -38,7 +39,10 @@ from .lr import set_learning_rates
 from .progress import Progress, train_metrics, write_final_report
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> SoRAOptimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig, accelerator=None) -> SoRAOptimizer:
+    """The SoRA optimizer around ``config.optimizer`` (DeepSpeed's CPU Adam under optimizer offload)."""
+    offload = accelerator is not None and engine.offloads_optimizer(engine.engine_ds_config(accelerator))
+    inner, inner_kwargs = inner_optimizer(config.optimizer, offload)
     groups = sora_param_groups(
         model,
         lr=config.lr,
@@ -48,7 +52,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> SoRAOptimizer:
         gate_update=config.gate_update,
         threshold=config.threshold,
     )
-    return SoRAOptimizer(groups, lr=config.lr)
+    return SoRAOptimizer(groups, lr=config.lr, inner=inner, **inner_kwargs)
 
 
 def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, config: TrainConfig):
@@ -175,7 +179,7 @@ def train(
             f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
             f"TrainConfig.grad_accum is {config.grad_accum}: pass grad_accum= to build_accelerator"
         )
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, accelerator)
     lambdas = lambda_schedule(config) if lambdas is None else lambdas
     model, wrapped = prepare(accelerator, model, optimizer, config)
     batches = ShardedBatches(dataset, config.micro_batch_size, config.grad_accum, accelerator.process_index, accelerator.num_processes,
