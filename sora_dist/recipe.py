@@ -19,6 +19,7 @@ import yaml
 
 from .backends import accelerate as engine
 from .backends.dtypes import torch_dtype
+from .backends.varlen import use_varlen_attention
 from .config import RunConfig
 from .core.inject import inject_sora
 from .core.report import sparsity_report
@@ -164,6 +165,8 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
             cfg.model.bnb_4bit_quant_type, cfg.model.bnb_4bit_double_quant, torch_dtype(cfg.model.bnb_4bit_compute_dtype),
             labels, cfg.model.trust_remote_code,
         )  # fmt: skip
+        if cfg.data.packing and use_varlen_attention(model) and main:
+            print("packing: attention runs example by example (sora_varlen: SDPA per packed example)", flush=True)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(cfg.train.seed)

@@ -102,3 +102,28 @@ def test_sora_train_packs_when_asked(tiny_model_dir, tmp_path):
     assert run(train_main, [str(path)]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["train_examples"] == 40 and summary["packed_rows"] < 40
+
+
+def test_example_by_example_attention_equals_the_masked_one():
+    """sora_varlen (SDPA on each packed example, and on the unpadded part of each padded row) gives
+    the loss and gradients of transformers' SDPA with its masks, and the same greedy generation."""
+    from sora_dist.backends.varlen import use_varlen_attention
+
+    model = tiny_llama(seed=0)
+    inject_sora(model, SoRAConfig(r=4, alpha=8), verbose=False)
+    randomize_adapters(model)
+    rows = variable_rows()
+    padded = pad_collate(rows, pad_id=0)
+    packed = PackedExamples(Rows(rows), capacity=48)
+    want_loss, want = loss_and_grads(model, padded)
+    prompt = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 3, 4, 5]])
+    mask = (prompt != 0).long()
+    want_tokens = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert use_varlen_attention(model) and model.config._attn_implementation == "sora_varlen"
+    for batch in (padded, collate_packed([packed[i] for i in range(len(packed))], pad_id=0)):
+        loss, grads = loss_and_grads(model, batch)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+        for name, grad in want.items():
+            assert float((grads[name] - grad).norm() / grad.norm()) <= 1e-5, name
+    got_tokens = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got_tokens, want_tokens)
