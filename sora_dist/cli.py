@@ -51,6 +51,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     from .deploy.sources import resolve_adapter
     from .deploy.stream_merge import merge_files
 
+    refuse_output_inside("--out", args.out, {"--adapter": args.adapter, "--base": args.base})
     meta, tensors, where = resolve_adapter(args.adapter)
     result = merge_files(args.base, meta, tensors, args.out, args.dtype, args.quantize, args.force, adapter_name=where)
     print(result.summary())
@@ -72,6 +73,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     from .deploy.export import export_peft
     from .deploy.sources import resolve_adapter
 
+    refuse_output_inside("--out", args.out, {"--adapter": args.adapter})
     meta, tensors, where = resolve_adapter(args.adapter)
     config = export_peft(meta, tensors, args.out, args.force, source=where)
     pruned = len(meta["modules"]) - len(config["target_modules"])
@@ -80,6 +82,15 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         f"(ranks {min(config['rank_pattern'].values())}-{max(config['rank_pattern'].values())}), {pruned} modules with no live rank left out"
     )
     return 0
+
+
+def refuse_output_inside(flag: str, out: str, inputs: dict[str, str]) -> None:
+    """An output folder that is, holds or lies inside an input would replace (with --force) what is read."""
+    target = Path(out).resolve()
+    for name, value in inputs.items():
+        source = Path(value).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(f"{flag} {out} overlaps {name} {value}: write the output to a folder of its own")
 
 
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"train": train_main, "merge": merge_main, "export": export_main}

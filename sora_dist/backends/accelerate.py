@@ -98,9 +98,12 @@ def load_ds_config(ds_config: str | os.PathLike | dict) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found (the ds_configs/ folder has starting points)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON in the DeepSpeed config: {err.msg}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a DeepSpeed config is a JSON object (keys such as zero_optimization), got a {type(config).__name__}")
+    return config
 
 
 def offloads_optimizer(ds_config: dict | None) -> bool:

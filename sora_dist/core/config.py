@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
@@ -47,6 +48,11 @@ class SoRAConfig:
             raise ValueError(f"SoRAConfig.adapter_dtype must name a torch dtype, got {self.adapter_dtype!r}")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(f"SoRAConfig.target_modules: {self.target_modules!r} is not a valid regular expression ({err})") from None
         self.modules_to_save = list(self.modules_to_save)
 
     @property

@@ -173,19 +173,67 @@ def write_metadata(folder: Path, meta: dict) -> None:
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of an adapter folder, with errors that name the file."""
+    """(metadata, tensors) of an adapter folder, checked against each other; errors name the file."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: {path} is not a sora_dist adapter folder (save_sora writes one)")
+    meta = read_metadata(config_file)
+    tensors = read_tensors(weights_file)
+    check_tensors(meta, tensors, str(weights_file))
+    return meta, tensors
+
+
+SPEC_KEYS = ("in_features", "out_features", "rank", "scale")
+
+
+def read_metadata(config_file: Path) -> dict:
+    """``sora_config.json`` with the structure the readers rely on, or ValueError naming file and key."""
     try:
-        meta = json.loads(config_file.read_text())
+        meta = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{config_file}: not UTF-8 text ({err.reason})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}:{err.lineno}: invalid JSON: {err.msg}") from err
-    if meta.get("format") != "sora_dist":
-        raise ValueError(f"{config_file}: not a sora_dist adapter config (format={meta.get('format')!r})")
-    return meta, load_file(str(weights_file))
+    if not isinstance(meta, dict) or meta.get("format") != "sora_dist":
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{config_file}: not a sora_dist adapter config (format={found!r})")
+    for key, kind in (("modules", dict), ("base_model", dict), ("sora", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{config_file}: '{key}' must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
+    if not isinstance(meta.get("trainable", []), list):
+        raise ValueError(f"{config_file}: 'trainable' must be a list")
+    for name, spec in meta["modules"].items():
+        if not isinstance(spec, dict) or any(not isinstance(spec.get(k), (int, float)) or isinstance(spec.get(k), bool) for k in SPEC_KEYS):
+            raise ValueError(f"{config_file}: modules.{name} must give the numbers {', '.join(SPEC_KEYS)}")
+    return meta
+
+
+def read_tensors(weights_file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or ValueError naming it (truncated, not safetensors)."""
+    try:
+        return load_file(str(weights_file))
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise ValueError(f"{weights_file}: cannot be read as safetensors ({type(err).__name__}: {err})") from None
+
+
+def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor ``meta`` implies is there, with its shape, and finite."""
+    wanted = {}
+    for name, spec in meta["modules"].items():
+        rank, d_in, d_out = int(spec["rank"]), int(spec["in_features"]), int(spec["out_features"])
+        wanted.update({f"{name}.lora_A": (rank, d_in), f"{name}.lora_B": (d_out, rank), f"{name}.gate": (rank,)})
+    for key in meta.get("trainable", []):
+        wanted[key] = None
+    for key, shape in wanted.items():
+        if key not in tensors:
+            raise ValueError(f"{where}: tensor {key!r} is missing ({len([k for k in wanted if k not in tensors])} missing)")
+        tensor = tensors[key]
+        if shape is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)} from {CONFIG_NAME}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{where}: tensor {key!r} holds NaN or inf values")
 
 
 def check_compatible(meta: dict, model: nn.Module, where: str) -> None:

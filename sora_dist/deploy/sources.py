@@ -8,13 +8,11 @@ the frozen model is never assembled.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from .io import CONFIG_NAME, WEIGHTS_NAME, check_tensors, read_adapter, read_metadata, read_tensors
 from .layout import ADAPTER_DIR, CHECKPOINT_DIR, complete_checkpoints
 
 
@@ -41,10 +39,7 @@ def resolve_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], st
 
 
 def _read_meta(path: Path) -> dict:
-    meta = json.loads((path / CONFIG_NAME).read_text())
-    if meta.get("format") != "sora_dist":
-        raise ValueError(f"{path / CONFIG_NAME}: not a sora_dist adapter config")
-    return meta
+    return read_metadata(path / CONFIG_NAME)
 
 
 def wanted_names(meta: dict) -> list[str]:
@@ -61,12 +56,14 @@ def checkpoint_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{path}: checkpoint has neither DeepSpeed shards nor model*.safetensors")
         state = {}
         for file in files:
-            state.update(load_file(str(file)))
+            state.update(read_tensors(file))
     state = {_strip_wrappers(k): v for k, v in state.items()}
     missing = [n for n in wanted_names(meta) if n not in state]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks adapter tensor {missing[0]!r} ({len(missing)} missing)")
-    return {name: state[name].float() if name.endswith(".gate") else state[name] for name in wanted_names(meta)}
+    tensors = {name: state[name].float() if name.endswith(".gate") else state[name] for name in wanted_names(meta)}
+    check_tensors(meta, tensors, str(path))
+    return tensors
 
 
 def _strip_wrappers(key: str) -> str:
