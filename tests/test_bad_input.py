@@ -115,3 +115,35 @@ def test_an_invalid_target_regex_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"sora\.target_modules: '\[' is not a valid regular expression"):
         load_config(raw={"model": {"path": "m"}, "data": {"train_file": "t.jsonl"}, "sora": {"target_modules": "["}})
+
+
+def test_a_killed_writes_temporary_folder_is_removed_by_the_next_write(tmp_path):
+    """A save or merge killed mid-write leaves .NAME.tmp-<host>-<pid>-* behind; the next write of the
+    same target removes it when that process is gone, and leaves a live process's alone."""
+    import socket
+    import subprocess
+    import sys
+
+    from sora_dist.deploy.atomic import write_folder
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f".out.tmp-{host}-{int(gone.stdout)}-abc123"
+    live = tmp_path / f".out.tmp-{host}-{__import__('os').getpid()}-def456"
+    other_host = tmp_path / f".out.tmp-elsewhere-{int(gone.stdout)}-ghi789"
+    for folder in (stale, live, other_host):
+        folder.mkdir()
+        (folder / "part").write_text("half written")
+    write_folder(tmp_path / "out", lambda tmp: (tmp / "done").write_text("ok"))
+    assert (tmp_path / "out" / "done").read_text() == "ok"
+    assert not stale.exists() and live.exists() and other_host.exists()
+
+
+def test_an_adapter_with_nan_values_is_never_written(tmp_path):
+    model = tiny_llama(seed=0)
+    inject_sora(model, SoRAConfig(r=4, target_modules=["q_proj"]), verbose=False)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.lora_B.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"not written: adapter tensor 'model\.layers\.1\.self_attn\.q_proj\.lora_B' holds NaN"):
+        save_sora(model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists() and not list(tmp_path.iterdir())

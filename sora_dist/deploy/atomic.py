@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,11 +23,42 @@ def _umask() -> int:
     return mask
 
 
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Delete the temporary folders and files of earlier writes of ``path`` whose process, on this
+    host, is gone (a killed merge or save); another host's or a live process's are left alone."""
+    host, removed = socket.gethostname(), []
+    for sibling in path.parent.glob(f".{path.name}{TMP_MARK}*"):
+        tag = sibling.name[len(f".{path.name}{TMP_MARK}") :]
+        owner, _, _ = tag.rpartition("-")
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
+
+
 def temporary_sibling(path: Path) -> Path:
     """An empty folder next to ``path`` (same filesystem, so the final rename is atomic), with the
-    permissions of an ordinary new folder (mkdtemp's 0700 would survive the rename)."""
+    permissions of an ordinary new folder (mkdtemp's 0700 would survive the rename). Its name holds
+    this host and process, so that a later write of ``path`` can remove it if this one is killed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent))
+    remove_stale_siblings(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}{_owner_tag()}", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
@@ -70,7 +102,8 @@ def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> Path:
     """Write the strings of ``lines`` (a generator is fine) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    remove_stale_siblings(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{_owner_tag()}", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as out:

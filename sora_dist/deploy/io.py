@@ -155,6 +155,9 @@ def save_sora(model: nn.Module, path: str | os.PathLike, extra: dict | None = No
     if config is None:
         raise ValueError("the model has no SoRA adapter to save (no sora_config); call inject_sora first")
     tensors = adapter_state(model)
+    bad = next((key for key, tensor in tensors.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if bad is not None:  # every rank holds the gathered tensors, so every rank stops here together
+        raise ValueError(f"{path}: not written: adapter tensor {bad!r} holds NaN or inf values (lower train.lr or gate_lr, or check the data)")
     path = Path(path)
     if not _is_main_process():
         return path
