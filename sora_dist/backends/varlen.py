@@ -42,6 +42,25 @@ def unpadded(attention_mask: torch.Tensor | None, row: int, length: int) -> tupl
     return (int(kept[0]), int(kept[-1]) + 1) if kept.numel() else (0, 0)
 
 
+_LAST: list = [None, None]  # (position_ids, attention_mask, length), spans: one forward's every layer gets the same tensors
+
+
+def row_spans(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int, length: int):
+    """Per row: (lo, hi) of its unpadded tokens and its examples' [start, end). Every attention layer
+    of one forward receives the same two tensors, so this is worked out (with its host syncs) once
+    per forward, not once per layer."""
+    key = _LAST[0]
+    if key is not None and key[0] is position_ids and key[1] is attention_mask and key[2] == (batch, length):
+        return _LAST[1]
+    spans = []
+    for b in range(batch):
+        ids = None if position_ids is None else position_ids[min(b, position_ids.shape[0] - 1)]
+        lo, hi = unpadded(attention_mask, b, length)
+        spans.append((lo, hi, segments(ids, lo, hi)))
+    _LAST[:] = [(position_ids, attention_mask, (batch, length)), spans]
+    return spans
+
+
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """``query`` (B, H, Lq, D), ``key``/``value`` (B, Hkv, Lk, D); ``attention_mask`` None or the 2-D
     padding mask. Returns (B, Lq, H, D) as transformers' attention functions do."""
@@ -59,15 +78,12 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p, scale=scaling,
                                              is_causal=mask is None and q_len > 1)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
-    position_ids = kwargs.get("position_ids")
     rows = []
-    for b in range(batch):
-        ids = None if position_ids is None else position_ids[min(b, position_ids.shape[0] - 1)]
-        lo, hi = unpadded(attention_mask, b, kv_len)
+    for b, (lo, hi, spans) in enumerate(row_spans(kwargs.get("position_ids"), attention_mask, batch, kv_len)):
         pieces = [query.new_zeros(1, heads, lo, dim)]
         pieces += [F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e],
                                                   dropout_p=p, scale=scaling, is_causal=True)
-                   for s, e in segments(ids, lo, hi)]  # fmt: skip
+                   for s, e in spans]  # fmt: skip
         pieces.append(query.new_zeros(1, heads, q_len - hi, dim))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..backends import accelerate as engine
 from ..data.formats import IGNORE
+from .loop import token_losses
 from .metrics import classification_metrics, pearson
 
 
@@ -35,13 +36,6 @@ def _sum_over_ranks(accelerator, values: list[float]) -> list[float]:
     if accelerator.num_processes > 1:
         tensor = accelerator.reduce(tensor, reduction="sum")
     return tensor.tolist()
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of every labelled token, per row."""
-    shifted = labels[:, 1:]
-    losses = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="none")
-    return losses.view(shifted.shape).sum(-1)
 
 
 @torch.no_grad()

@@ -110,12 +110,17 @@ def loss_scale(micro_batches: list[dict], accelerator) -> torch.Tensor:
     return (accelerator.num_processes * len(micro_batches)) / total.clamp_min(1).float()
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over the labelled tokens of each row (training and evaluation)."""
+    shifted = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="none")
+    return losses.view(shifted.shape).sum(-1)
+
+
 def summed_token_loss(model, batch: dict) -> torch.Tensor:
     """Sum of the next-token cross-entropy over the labelled tokens of ``batch``."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return token_losses(model(**inputs, use_cache=False).logits, batch["labels"]).sum()
 
 
 def optimizer_step(model, optimizer, batches: ShardedBatches, step: int, accelerator, config: TrainConfig) -> torch.Tensor:
