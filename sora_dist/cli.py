@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,10 +29,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, default_output_dir=f"runs/{Path(args.config).stem}")
     from .recipe import run_training
 
-    run_training(config, config.train.output_dir or f"runs/{Path(args.config).stem}")
+    run_training(config, config.train.output_dir)
     return 0
 
 
@@ -52,6 +54,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     from .deploy.stream_merge import merge_files
 
     refuse_output_inside("--out", args.out, {"--adapter": args.adapter, "--base": args.base})
+    require_folders({"--adapter": args.adapter, "--base": args.base})
     meta, tensors, where = resolve_adapter(args.adapter)
     result = merge_files(args.base, meta, tensors, args.out, args.dtype, args.quantize, args.force, adapter_name=where)
     print(result.summary())
@@ -74,6 +77,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     from .deploy.sources import resolve_adapter
 
     refuse_output_inside("--out", args.out, {"--adapter": args.adapter})
+    require_folders({"--adapter": args.adapter})
     meta, tensors, where = resolve_adapter(args.adapter)
     config = export_peft(meta, tensors, args.out, args.force, source=where)
     pruned = len(meta["modules"]) - len(config["target_modules"])
@@ -93,7 +97,61 @@ def refuse_output_inside(flag: str, out: str, inputs: dict[str, str]) -> None:
             raise ValueError(f"{flag} {out} overlaps {name} {value}: write the output to a folder of its own")
 
 
+def require_folders(inputs: dict[str, str]) -> None:
+    for flag, value in inputs.items():
+        if not Path(value).is_dir():
+            raise FileNotFoundError(f"{flag} {value}: {'is a file, not' if Path(value).exists() else 'no such'} folder")
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"train": train_main, "merge": merge_main, "export": export_main}
+
+
+PEER_GRACE = 2.0  # seconds a rank > 0 waits before reporting its own error (see report)
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def report(message: str, everywhere: bool = True) -> None:
+    """Print ``error: message`` once per run, not once per process.
+
+    Rank 0 prints at once. With several processes, an error every rank meets alike (a config
+    error) and a rank's reaction to another rank's failure (lost connection, SIGTERM from the
+    launcher) are printed by rank 0 only (``everywhere`` False). A rank > 0 reports its own
+    error after PEER_GRACE seconds, prefixed with its rank: if rank 0 failed as well, the launcher
+    stops this process first and only rank 0's line is seen.
+    """
+    rank, world = process_rank()
+    if rank > 0 and not everywhere:
+        return
+    if rank > 0:
+        time.sleep(PEER_GRACE)
+        message = f"rank {rank}: {message}"
+    print("error: " + " ".join(message.split("\n")), file=sys.stderr, flush=True)
+
+
+def peer_failure(err: BaseException) -> bool:
+    """A collective failed because another process of the run died (gloo/NCCL lost its peer)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
+
+
+def stop_on_sigterm() -> None:
+    """Under a launcher, SIGTERM means "another process failed": leave with one line, no traceback."""
+    if process_rank()[1] <= 1:
+        return
+
+    def stop(signum, frame):
+        report("stopped by the launcher (SIGTERM): another process of this run failed or was killed; its message "
+               "and the launcher's summary say which", everywhere=False)  # fmt: skip
+        os._exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -102,10 +160,20 @@ def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
     from .options import ConfigError
     from .training.guard import NonFiniteLoss
 
+    stop_on_sigterm()
     try:
         return command(argv)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:
+        report(str(err), everywhere=False)
+        return 2
+    except (DataError, OSError, ValueError, NonFiniteLoss) as err:
+        report(str(err))
+        return 2
+    except RuntimeError as err:
+        if not peer_failure(err) or process_rank()[1] <= 1:
+            raise
+        report(f"lost contact with another process of this run (it failed or was killed): {str(err).splitlines()[0][:200]}",
+               everywhere=False)  # fmt: skip
         return 2
 
 

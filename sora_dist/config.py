@@ -11,6 +11,7 @@ section modules import nothing heavy: no torch model, tokenizer or data is touch
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -200,8 +201,10 @@ def set_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {key}: invalid YAML value {text!r}: {getattr(err, 'problem', None) or err}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: dict | None = None) -> RunConfig:
-    """Read, override and validate a run configuration."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: dict | None = None,
+                default_output_dir: str | None = None) -> RunConfig:  # fmt: skip
+    """Read, override and validate a run configuration; ``default_output_dir`` is train.output_dir
+    when the config names none (sora-train's runs/<config name>)."""
     if raw is None:
         path = Path(path)
         if not path.is_file():
@@ -221,6 +224,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     for key in raw:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section; sections: {', '.join(SECTIONS)}")
+    if default_output_dir is not None and isinstance(raw.get("train", {}), dict) and not (raw.get("train") or {}).get("output_dir"):
+        raw["train"] = {**(raw.get("train") or {}), "output_dir": default_output_dir}
     if isinstance(raw.get("train"), dict) and "steps" in raw["train"] and raw["train"].get("epochs"):
         raise ConfigError("train.epochs: give train.steps or train.epochs, not both")
     sections = {name: build_section(name, raw.get(name)) for name in SECTIONS if name in raw or name not in OPTIONAL_SECTIONS}
@@ -230,7 +235,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     if config.sparsity_budget is not None:
         check_budget(config)
     check_optimizer_choice(config)
+    if config.train.output_dir:
+        check_output_dir(config.train.output_dir)
     return config
+
+
+def check_output_dir(path: str) -> None:
+    """train.output_dir must be (or be creatable as) a writable folder: found now, not after the
+    model has loaded (or, with several processes, on one rank only)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"train.output_dir: {path} is a file, not a folder")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"train.output_dir: cannot create {path}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir: cannot create or write {path}: no write permission in {existing}")
 
 
 def check_optimizer_choice(config: RunConfig) -> None:

@@ -67,10 +67,16 @@ def load_model(
         kwargs["quantization_config"] = bnb_config(quantization, quant_type, double_quant, compute_dtype, dtype)
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map and partitions the model itself
             kwargs["device_map"] = "cpu" if cpu_only() else {"": torch.cuda.current_device()}
+    resolved = resolve_model_path(path)
+    check_weight_files(resolved)
     try:
-        model = auto_class(task).from_pretrained(resolve_model_path(path), **kwargs)
+        model = auto_class(task).from_pretrained(resolved, **kwargs)
     except OSError as err:
         raise ModelNotFound(_not_found(path, err)) from None
+    except (ValueError, KeyError, TypeError) as err:  # transformers' complaints about a local folder's files
+        if not Path(resolved).is_dir():
+            raise
+        raise ModelNotFound(f"model.path {path!r}: cannot load a {task} model from this folder: {one_line(err)}") from None
     if task == "sequence_classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -79,18 +85,43 @@ def load_model(
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    resolved = resolve_model_path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelNotFound(_not_found(path, err)) from None
+    except (ValueError, KeyError, TypeError) as err:
+        if not Path(resolved).is_dir():
+            raise
+        raise ModelNotFound(f"model.path {path!r}: cannot load the tokenizer from this folder: {one_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) < 400 else text[:400] + "..."
+
+
+def check_weight_files(folder: str) -> None:
+    """Every safetensors file of a local model folder opens (header and size): a truncated download
+    is named here, not deep inside from_pretrained. Reads headers only."""
+    from safetensors import safe_open
+
+    if not Path(folder).is_dir():
+        return
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
+            raise ModelNotFound(f"model.path: {file}: cannot be read as safetensors ({one_line(err)}); download it again") from None
+
+
 def _not_found(path: str, err: Exception) -> str:
     if Path(path).exists():
-        return f"model.path {path!r}: cannot load a transformers model from this folder: {err}"
+        return f"model.path {path!r}: cannot load a transformers model from this folder: {one_line(err)}"
     return (
         f"model.path {path!r} is not a local folder and could not be loaded from the Hugging Face hub "
         f"(offline, or not in the cache). Download it where the network is reachable "

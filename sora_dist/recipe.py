@@ -49,7 +49,8 @@ def load_data(cfg: RunConfig, tokenizer, accelerator) -> tuple[Examples, Example
     data = cfg.data
     common = {"tokenizer": tokenizer, "format": data.format, "max_length": data.max_length, "on_error": data.on_error,
               "columns": data.columns, "mask_history": data.mask_history, "seed": cfg.train.seed,
-              "num_proc": data.num_proc or min(8, os.cpu_count() or 1), "cache": data.cache}  # fmt: skip
+              "num_proc": data.num_proc or min(8, os.cpu_count() or 1), "cache": data.cache,
+              "num_labels": cfg.model.num_labels if cfg.model.task == "sequence_classification" else None}  # fmt: skip
     with accelerator.main_process_first():
         if data.format == "blocks":
             train_set = blocks_examples(data_path(data.sources[0], "data.train_file"), tokenizer, data.max_length)
@@ -87,8 +88,7 @@ def num_labels_of(cfg: RunConfig, train_set: Examples) -> int | None:
         return cfg.model.num_labels
     if train_set.label_names:
         return len(train_set.label_names)
-    labels = [row[0] for row in train_set.dataset["labels"]]
-    return 1 if isinstance(labels[0], float) else max(int(label) for label in labels) + 1
+    return max(int(row[0]) for row in train_set.dataset["labels"]) + 1
 
 
 def sora_config_for(cfg: RunConfig, model):
@@ -136,6 +136,17 @@ def steps_from_epochs(cfg: RunConfig, rows: int, processes: int, main: bool) -> 
         raise ConfigError(f"train.epochs: {cfg.train.epochs:g} epochs make {steps} steps: {str(err).replace('TrainConfig.', 'train.')}") from None
 
 
+def check_batch_size(cfg: RunConfig, rows: int, processes: int) -> None:
+    """One optimizer step may not need more rows than the training set holds (a typo such as
+    micro_batch_size: 1e9 would otherwise build one endless batch)."""
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * processes
+    if per_step > rows:
+        raise ConfigError(
+            f"train.micro_batch_size: {cfg.train.micro_batch_size} x train.grad_accum {cfg.train.grad_accum} x {processes} processes = "
+            f"{per_step:,} rows per optimizer step, more than the {rows:,} training rows: lower micro_batch_size or grad_accum"
+        )
+
+
 def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> None:
     metrics = Path(output_dir) / METRICS_FILE
     if not metrics.is_file():
@@ -151,13 +162,16 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(output_dir)))
     accelerator = engine.build_accelerator(cfg.distributed.deepspeed_config, cfg.distributed.mixed_precision, cfg.train.grad_accum)
     main = accelerator.is_main_process
+    finished = False
     try:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         train_set, val_set = load_data(cfg, tokenizer, accelerator)
-        if main and train_set.skipped_count:
-            first = next(iter(train_set.skipped.items()))
-            print(f"skipped {train_set.skipped_count} rows that cannot be trained on (first: {first[0]}: {first[1]})", flush=True)
+        for name, examples in (("training", train_set), ("validation", val_set)):
+            if main and examples is not None and examples.skipped_count:
+                first = next(iter(examples.skipped.items()))
+                print(f"skipped {examples.skipped_count} {name} rows that cannot be used (first: {first[0]}: {first[1]})", flush=True)
         rows, collate_rows, lengths = training_rows(cfg, train_set, tokenizer.pad_token_id, main)
+        check_batch_size(cfg, len(rows), accelerator.num_processes)
         cfg = steps_from_epochs(cfg, len(rows), accelerator.num_processes, main)
         labels = num_labels_of(cfg, train_set)
         model = load_model(
@@ -194,6 +208,8 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         report = sparsity_report(accelerator.unwrap_model(model))
         summary = {"train_examples": len(train_set), "skipped_rows": train_set.skipped_count, "skipped": train_set.skipped,
                    "sparsity": report.to_dict()}  # fmt: skip
+        if val_set is not None:
+            summary.update(validation_examples=len(val_set), validation_skipped_rows=val_set.skipped_count, validation_skipped=val_set.skipped)
         if cfg.data.packing:
             summary["packed_rows"] = len(rows)
         if stages is not None:
@@ -211,6 +227,7 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
             else:
                 print(f"stages.csv, stages.json and stages.png are in {output_dir}; each stage's adapter and reports in "
                       f"{Path(output_dir) / 'stages'}", flush=True)  # fmt: skip
+        finished = True
         return summary
     finally:
-        engine.end_of_run()
+        engine.end_of_run(finished)

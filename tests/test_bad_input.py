@@ -1,120 +1,70 @@
-"""Bad input to sora-merge, sora-export and the readers behind them: each case exits with code 2,
-prints one line naming the file, key or tensor, shows no traceback, and changes no file."""
+"""Bad input to sora-train, sora-merge and sora-export (the table of tests/bad_inputs.py): each case
+exits with code 2, prints one line naming the file, key, row or tensor, shows no traceback, and
+changes no file."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
+import sys
+import traceback
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from bad_inputs import ALL_CASES, Case, build, judge, run_subprocess, tree_hash
 from helpers import tiny_llama
-from safetensors.torch import load_file, save_file
 
 from sora_dist import SoRAConfig, inject_sora, save_sora
-from sora_dist.backends.accelerate import load_ds_config
-from sora_dist.cli import export_main, merge_main, run
+from sora_dist.cli import export_main, merge_main, run, train_main
 
 
 @pytest.fixture(scope="module")
-def base_and_adapter(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bad_input")
+def good_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A SoRA adapter (r=4 on q_proj and v_proj) of the tiny model folder's model."""
     model = tiny_llama(seed=0)
-    model.save_pretrained(root / "base")
     inject_sora(model, SoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), verbose=False)
-    save_sora(model, root / "adapter")
-    return root / "base", root / "adapter"
-
-
-def tree_hash(*folders: Path) -> str:
-    digest = hashlib.sha256()
-    for folder in folders:
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(str(file).encode() + file.read_bytes())
-    return digest.hexdigest()
-
-
-def broken_adapter(adapter: Path, tmp_path: Path, change) -> Path:
-    """A copy of ``adapter`` with ``change(meta, tensors, folder)`` applied."""
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    meta = json.loads((adapter / "sora_config.json").read_text())
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    meta, tensors = change(meta, tensors, folder)
-    if meta is not None:
-        (folder / "sora_config.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
-    if tensors is not None:
-        save_file(tensors, str(folder / "adapter_model.safetensors"))
+    folder = tmp_path_factory.mktemp("good_adapter") / "adapter"
+    save_sora(model, folder)
     return folder
 
 
-Q = "model.layers.0.self_attn.q_proj"
+def run_in_process(case: Case, argv: list[str], capsys) -> tuple[int, str]:
+    command = {"train": train_main, "merge": merge_main, "export": export_main}[case.command]
+    try:
+        code = run(command, argv)
+    except SystemExit as err:  # argparse
+        code = err.code
+    except Exception:  # what a user would see as a traceback
+        code = 1
+        print(traceback.format_exc(), file=sys.stderr)
+    return code, capsys.readouterr().err
 
 
-def _truncated(meta, tensors, folder):
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    data = (folder / "adapter_model.safetensors").read_bytes()
-    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    return meta, None
+def test_the_table_covers_every_kind_of_input():
+    counts = Counter(case.category for case in ALL_CASES)
+    assert len(ALL_CASES) >= 150 and len({case.id for case in ALL_CASES}) == len(ALL_CASES), counts
+    assert min(counts[kind] for kind in ("config", "data", "adapter", "base")) >= 10, counts
 
 
-CASES = {
-    "config is a list": (lambda m, t, f: ([m], t), r"sora_config\.json: not a sora_dist adapter config \(format='list'\)"),
-    "config lacks modules": (lambda m, t, f: ({k: v for k, v in m.items() if k != "modules"}, t), r"sora_config\.json: 'modules' must be a dict"),
-    "config lacks base_model": (lambda m, t, f: ({k: v for k, v in m.items() if k != "base_model"}, t), r"'base_model' must be a dict"),
-    "module spec without rank": (lambda m, t, f: ({**m, "modules": {**m["modules"], Q: {"in_features": 64}}}, t), rf"modules\.{Q} must give the numbers"),
-    "config not JSON": (lambda m, t, f: ("{not json", t), r"sora_config\.json:1: invalid JSON"),
-    "gate tensor missing": (lambda m, t, f: (m, {k: v for k, v in t.items() if k != f"{Q}.gate"}), rf"tensor '{Q}\.gate' is missing"),
-    "lora_A transposed": (lambda m, t, f: (m, {**t, f"{Q}.lora_A": t[f"{Q}.lora_A"].t().contiguous()}), rf"tensor '{Q}\.lora_A' has shape \[64, 4\], expected \[4, 64\]"),
-    "NaN in lora_B": (lambda m, t, f: (m, {**t, f"{Q}.lora_B": torch.full_like(t[f"{Q}.lora_B"], float("nan"))}), rf"tensor '{Q}\.lora_B' holds NaN or inf"),
-    "truncated safetensors": (_truncated, r"adapter_model\.safetensors: cannot be read as safetensors"),
-}
+@pytest.mark.parametrize("case", [c for c in ALL_CASES if not c.subprocess_only], ids=lambda c: c.id)
+def test_bad_input_gives_one_clear_line_and_changes_nothing(case, tiny_model_dir, good_adapter, tmp_path, capsys):
+    """Exit code 2, one error line naming the file/key/row/tensor (the case's pattern), no traceback;
+    every file of the case folder and the model folder hashes the same before and after."""
+    argv = build(case, tmp_path / "case", tiny_model_dir, good_adapter)
+    before = tree_hash(tmp_path / "case", tiny_model_dir)
+    code, err = run_in_process(case, argv, capsys)
+    after = tree_hash(tmp_path / "case", tiny_model_dir)
+    assert judge(case, code, err, before, after) == "clear", f"exit {code}, pattern {case.message!r}\n{err[-3000:]}"
 
 
-@pytest.mark.parametrize("command", ["merge", "export"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_broken_adapter_is_refused_naming_what_is_wrong(case, command, base_and_adapter, tmp_path, capsys):
-    base, adapter = base_and_adapter
-    change, message = CASES[case]
-    broken = broken_adapter(adapter, tmp_path, change)
-    before = tree_hash(base, broken)
-    args = ["--adapter", str(broken), "--out", str(tmp_path / "out")]
-    code = run(merge_main, ["--base", str(base), *args]) if command == "merge" else run(export_main, args)
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
-    assert re.search(message, err), err
-    assert tree_hash(base, broken) == before and not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("out", ["adapter", "adapter/inner", "base", "."])
-def test_an_output_overlapping_an_input_is_refused_even_with_force(out, base_and_adapter, capsys):
-    """sora-merge reads --base and --adapter, sora-export only --adapter: an --out that is, holds or
-    lies inside one of its inputs is refused before anything is read or written."""
-    base, adapter = base_and_adapter
-    before = tree_hash(base, adapter)
-    target = str(adapter.parent / out)
-    assert run(merge_main, ["--base", str(base), "--adapter", str(adapter), "--out", target, "--force"]) == 2
-    assert "overlaps" in capsys.readouterr().err
-    if out != "base":
-        assert run(export_main, ["--adapter", str(adapter), "--out", target, "--force"]) == 2
-        assert "overlaps --adapter" in capsys.readouterr().err
-    assert tree_hash(base, adapter) == before
-
-
-def test_a_deepspeed_config_that_is_not_an_object_is_named(tmp_path):
-    path = tmp_path / "ds.json"
-    path.write_text("[1, 2]")
-    with pytest.raises(ValueError, match=r"ds\.json: a DeepSpeed config is a JSON object"):
-        load_ds_config(path)
-
-
-def test_an_invalid_target_regex_is_a_config_error():
-    from sora_dist.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match=r"sora\.target_modules: '\[' is not a valid regular expression"):
-        load_config(raw={"model": {"path": "m"}, "data": {"train_file": "t.jsonl"}, "sora": {"target_modules": "["}})
+@pytest.mark.parametrize("name", ["--set value not YAML", "JSONL latin-1 byte", "label 5 of 2 classes", "r 1e9"])
+def test_a_real_subprocess_agrees(name, tiny_model_dir, good_adapter, tmp_path):
+    """The in-process runner above cross-checked: the installed command line, a process of its own."""
+    case = next(c for c in ALL_CASES if c.name == name and c.command == "train")
+    argv = build(case, tmp_path / "case", tiny_model_dir, good_adapter)
+    before = tree_hash(tmp_path / "case", tiny_model_dir)
+    code, err = run_subprocess(case, argv)
+    assert judge(case, code, err, before, tree_hash(tmp_path / "case", tiny_model_dir)) == "clear", err[-3000:]
 
 
 def test_a_killed_writes_temporary_folder_is_removed_by_the_next_write(tmp_path):

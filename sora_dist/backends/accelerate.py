@@ -74,8 +74,16 @@ def build_accelerator(
         raise ValueError("fp16 with loss scaling needs a CUDA GPU; on CPU use mixed_precision='bf16' or 'no'")
     kwargs: dict = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed_precision}
     use_deepspeed = deepspeed_requested(ds_config)
+    if use_deepspeed and os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("true", "1", "yes"):
+        # Accelerate would quietly run plain multi-CPU DDP instead of the ZeRO run that was asked for.
+        raise ValueError(
+            "ACCELERATE_USE_CPU=true (accelerate launch --cpu, or use_cpu: true in its config) turns DeepSpeed off, but a "
+            "DeepSpeed config was given: drop --cpu / use_cpu (DeepSpeed runs on the CPU over gloo where there is no GPU), "
+            "or drop the DeepSpeed config to train with DDP"
+        )
     if use_deepspeed:
         skip_deepspeed_shm_op()
+        single_process_rendezvous()
         if ds_config is not None:
             config = load_ds_config(ds_config)
             stage = config.get("zero_optimization", {}).get("stage", 0)
@@ -88,6 +96,19 @@ def build_accelerator(
             # Without cpu=True, a torchrun/accelerate-launched CPU job runs as N unrelated processes.
             kwargs["cpu"] = True
     return Accelerator(**kwargs)
+
+
+def single_process_rendezvous() -> None:
+    """``sora-train`` with a DeepSpeed config but no launcher: DeepSpeed needs a process group even
+    for one process, so describe a world of one (a free local port) the way torchrun would."""
+    if any(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def load_ds_config(ds_config: str | os.PathLike | dict) -> dict:
@@ -286,8 +307,14 @@ def trainable_names(accelerator, model: nn.Module) -> set[str]:
     return {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
-def end_of_run() -> None:
-    """Barrier, then tear down the process group; skipping this aborts ~1 run in 9 at exit."""
+def end_of_run(finished: bool = True) -> None:
+    """Barrier, then tear down the process group; skipping this aborts ~1 run in 9 at exit.
+
+    After an exception (``finished`` False) there is no barrier: the other ranks may be waiting
+    in a collective this rank never reaches, so a barrier would wait forever. The process exits
+    and the launcher stops the other ranks.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        if finished:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import torch
@@ -39,13 +40,17 @@ class SoRAConfig:
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"SoRAConfig.r must be a positive integer, got {self.r!r}")
+            raise ValueError(f"SoRAConfig.r: must be a positive integer, got {self.r!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"SoRAConfig.alpha: must be a finite number > 0 (the branch scale is alpha / r), got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"SoRAConfig.dropout: must be in [0, 1), got {self.dropout!r}")
         if self.gate_init not in GATE_INITS:
-            raise ValueError(f"SoRAConfig.gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
-        if not isinstance(getattr(torch, self.adapter_dtype, None), torch.dtype):
-            raise ValueError(f"SoRAConfig.adapter_dtype must name a torch dtype, got {self.adapter_dtype!r}")
+            raise ValueError(f"SoRAConfig.gate_init: must be one of {GATE_INITS}, got {self.gate_init!r}")
+        if not isinstance(getattr(torch, self.adapter_dtype, None), torch.dtype) or not getattr(torch, self.adapter_dtype).is_floating_point:
+            raise ValueError(f"SoRAConfig.adapter_dtype: must name a floating-point torch dtype, got {self.adapter_dtype!r}")
+        if not self.target_modules:
+            raise ValueError("SoRAConfig.target_modules: empty: name the layers to adapt (a list of names or a regex)")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..backends.bnb import disable_cpu_repack, is_quantized
-from ..backends.linear import is_linear_like
+from ..backends.linear import declared_features, is_linear_like
 from ..backends.zero import full_numel
 from .config import ALL_LINEAR, SoRAConfig
 from .layer import SoRALinear
@@ -43,7 +43,7 @@ def select_targets(model: nn.Module, config: SoRAConfig) -> list[str]:
     if not chosen:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
         raise ValueError(
-            f"target_modules={config.target_modules!r} matched no Linear module of "
+            f"sora.target_modules: {config.target_modules!r} matched no Linear module of "
             f"{type(model).__name__}. Candidate names: {', '.join(suffixes) or '(none)'}; "
             f"or use {ALL_LINEAR!r}."
         )
@@ -75,6 +75,16 @@ def inject_sora(model: nn.Module, config: SoRAConfig, verbose: bool = True) -> n
     if any(True for _ in sora_modules(model)):
         raise ValueError("this model already has SoRA modules; inject_sora must run once per model")
     targets = select_targets(model, config)
+    missing = [m for m in config.modules_to_save if not any(_under_any(n, {m}) for n, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"sora.modules_to_save: {missing} names no module of {type(model).__name__}")
+    for name in targets:
+        widths = declared_features(model.get_submodule(name))
+        if config.r > min(widths):
+            raise ValueError(
+                f"sora.r: {config.r} is more than layer {name} ({widths[0]} -> {widths[1]} features) can use: "
+                f"its rank is at most {min(widths)}; choose r <= {min(widths)}"
+            )
     model.requires_grad_(False)
     dtype = getattr(torch, config.adapter_dtype)
     for name in targets:
@@ -83,9 +93,6 @@ def inject_sora(model: nn.Module, config: SoRAConfig, verbose: bool = True) -> n
     for name, module in model.named_modules():
         if config.modules_to_save and _under_any(name, set(config.modules_to_save)):
             module.requires_grad_(True)
-    missing = [m for m in config.modules_to_save if not any(_under_any(n, {m}) for n, _ in model.named_modules())]
-    if missing:
-        raise ValueError(f"modules_to_save names no module of {type(model).__name__}: {missing}")
     disable_cpu_repack(model)
     model.sora_config = config
     if verbose:

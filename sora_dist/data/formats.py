@@ -14,6 +14,8 @@ row raises :class:`DataError` naming the file and row.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 IGNORE = -100
@@ -53,21 +55,30 @@ def encode_text(row: dict, tokenizer, where: str) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def encode_classification(row: dict, tokenizer, where: str, label_names: list[str] | None) -> dict:
+def encode_classification(row: dict, tokenizer, where: str, label_names: list[str] | None, num_labels: int | None = None) -> dict:
+    """``num_labels`` 1 is regression (a number per row); otherwise a class name of ``label_names``
+    or an integer class id in [0, num_labels)."""
     text = _text(row, "text", where)
-    pair = row.get("text_pair")
-    encoded = tokenizer(text, pair if isinstance(pair, str) else None, truncation=False)
+    pair = _text(row, "text_pair", where, required=False) or None
+    encoded = tokenizer(text, pair, truncation=False)
     label = row.get("label")
-    if isinstance(label, bool) or label is None:
-        raise DataError(f"{where}: field 'label' must be a class name, an integer or (regression) a float, got {label!r}")
+    if isinstance(label, bool) or label is None or (isinstance(label, float) and not math.isfinite(label)):
+        raise DataError(f"{where}: field 'label' must be a class name, an integer class id or (regression) a number, got {label!r}")
+    if num_labels == 1:
+        if not isinstance(label, (int, float)):
+            raise DataError(f"{where}: label {label!r} is not a number; model.num_labels 1 trains a regression on numbers")
+        return {"input_ids": encoded["input_ids"], "labels": float(label)}
     if isinstance(label, float):
-        return {"input_ids": encoded["input_ids"], "labels": label}
+        if not label.is_integer():
+            raise DataError(f"{where}: label {label!r} is not a class id; for regression set model.num_labels: 1")
+        label = int(label)
+    classes = len(label_names) if label_names else num_labels
     if isinstance(label, str):
         if label_names is None or label not in label_names:
             raise DataError(f"{where}: unknown label {label!r}; known labels: {label_names}")
         label = label_names.index(label)
-    elif not isinstance(label, int) or (label_names is not None and not 0 <= label < len(label_names)):
-        raise DataError(f"{where}: label {label!r} is out of range for {len(label_names or [])} classes")
+    elif not isinstance(label, int) or label < 0 or (classes is not None and label >= classes):
+        raise DataError(f"{where}: label {label!r} is out of range for {classes if classes is not None else 'any number of'} classes")
     return {"input_ids": encoded["input_ids"], "labels": int(label)}
 
 

@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -56,16 +58,23 @@ def load_source(spec: str, key: str):
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DataError(f"{key} {spec!r}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            if builder in TEXT_BUILDERS:
+                check_text_file(path)
+            with quiet_datasets():
+                loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **BUILDER_OPTIONS.get(builder, {}))
+            if len(loaded) == 0:
+                raise DataError(f"{path}: no rows")
+            return loaded
         if path.is_dir():
             if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
                 loaded = datasets.load_from_disk(str(path))
                 return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-            return datasets.load_dataset(str(path), split="train")
+            with quiet_datasets():
+                return datasets.load_dataset(str(path), split="train")
     except DataError:
         raise
     except Exception as err:  # datasets wraps parser errors in several exception types
-        raise DataError(f"{_first_bad_line(path) or spec}: cannot be read as a data set: {err}") from err
+        raise DataError(_first_bad_line(path) or f"{spec}: cannot be read as a data set: {_reason(err)}") from None
     if "/" not in spec or spec.startswith((".", "/")) or Path(spec).suffix.lower() in FILE_BUILDERS:
         raise DataError(f"{key} {spec!r}: no such file or folder")
     name, subset, split = parse_hub(spec)
@@ -79,21 +88,84 @@ def load_source(spec: str, key: str):
         ) from None
 
 
+TEXT_BUILDERS = ("json", "csv")
+BUILDER_OPTIONS = {"csv": {"keep_default_na": False}}  # an empty CSV cell is "", not NaN; "NA" stays text
+
+
+def check_text_file(path: Path) -> None:
+    """A JSON/JSONL/CSV file is UTF-8 and not empty; the error names the line (one streaming pass)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, content = 1, False
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                line += chunk.count(b"\n", 0, err.start)
+                raise DataError(f"{path}:{line}: not UTF-8 text ({err.reason}); re-save the file as UTF-8") from None
+            line += text.count("\n")
+            content = content or bool(text.strip())
+    if not content:
+        raise DataError(f"{path}: the file is empty: no rows")
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """datasets logs a parse error (with a traceback) before raising it; we raise one naming the line."""
+    import datasets
+
+    logger = datasets.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _first_bad_line(path: Path) -> str | None:
-    """``file:row N`` of the first line of a JSONL file that is not a JSON object."""
+    """``file:N: what is wrong`` for the first line of a JSONL file that is not UTF-8 or not a JSON object."""
     if not path.is_file() or path.suffix.lower() != ".jsonl":
         return None
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line); re-save the file as UTF-8"
             if not line.strip():
                 continue
             try:
-                if isinstance(json.loads(line), dict):
-                    continue
-            except json.JSONDecodeError:
-                pass
-            return f"{path}:row {number}"
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{number}: invalid JSON: {err.msg} (column {err.colno})"
+            if not isinstance(value, dict):
+                return f"{path}:{number}: each line must be a JSON object, got {type(value).__name__}"
     return None
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of a library error, on one line."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+TEXT_FIELDS = ("instruction", "input", "output", "text", "text_pair")
+
+
+def text_columns_as_text(dataset):
+    """A CSV reader guesses each column's type, so a column of numeric answers arrives as numbers:
+    the text fields are read back as the text they were in the file."""
+    from datasets import Value
+
+    for name in TEXT_FIELDS:
+        if name in dataset.column_names and getattr(dataset.features[name], "dtype", "string") != "string":
+            dataset = dataset.cast_column(name, Value("string"))
+    return dataset
 
 
 def rename_columns(dataset, columns: dict[str, str] | None, where: str):
@@ -136,6 +208,8 @@ def load_sources(specs: Sequence[str], key: str, format: str, columns: dict[str,
         where = f"{key}[{index}] {spec!r}" if len(specs) > 1 else f"{key} {spec!r}"
         part = rename_columns(load_source(spec, key), columns, where)
         check_columns(part, format, where)
+        if Path(spec).suffix.lower() == ".csv":
+            part = text_columns_as_text(part)
         part = part.add_column("_row", list(range(1, len(part) + 1)))
         parts.append(part.add_column("_source", [index] * len(part)))
     if len(parts) == 1:
@@ -167,9 +241,10 @@ class Encoder:
     a bad row gets its message in ``error`` and is dropped or reported afterwards)."""
 
     def __init__(self, tokenizer, format: str, max_length: int, sources: Sequence[str], label_names=None, mask_history: bool = False,
-                 regression: bool = False):  # fmt: skip
+                 num_labels: int | None = None):  # fmt: skip
         self.tokenizer, self.format, self.max_length = tokenizer, format, max_length
-        self.sources, self.label_names, self.mask_history, self.regression = list(sources), label_names, mask_history, regression
+        self.sources, self.label_names, self.mask_history, self.num_labels = list(sources), label_names, mask_history, num_labels
+        self.regression = format == "classification" and num_labels == 1
 
     def features(self):
         """The column types of the output (fixed, so that every batch and worker writes the same)."""
@@ -194,7 +269,7 @@ class Encoder:
             return encode_instruction(row, self.tokenizer, where)
         if self.format == "text":
             return encode_text(row, self.tokenizer, where)
-        return encode_classification(row, self.tokenizer, where, self.label_names)
+        return encode_classification(row, self.tokenizer, where, self.label_names, self.num_labels)
 
     def encode_chats(self, rows: list[dict], wheres: list[str]) -> list[dict | DataError]:
         """Chat rows rendered one by one, tokenized in one call (offsets give the labels)."""
@@ -253,13 +328,31 @@ class Encoder:
         return out
 
 
-def label_names_of(dataset, format: str) -> list[str] | None:
+def label_names_of(dataset, format: str, where: str = "the data") -> list[str] | None:
     """Sorted class names when the labels are text; None when they are numbers."""
     if format != "classification" or "label" not in dataset.column_names:
         return None
+    kind = getattr(dataset.features["label"], "dtype", None)
+    if kind not in ("string", "large_string", "bool") and not str(kind).startswith(("int", "uint", "float")):
+        raise DataError(f"{where}: the 'label' column mixes kinds of values (class names and numbers?): "
+                        "give every row the same kind")  # fmt: skip
     values = dataset.unique("label")
     names = sorted(v for v in values if isinstance(v, str))
     return names or None
+
+
+def check_label_count(raw, label_names: list[str] | None, num_labels: int | None, where: str) -> None:
+    """model.num_labels against the labels: no implicit switch to regression, no class name beyond it."""
+    if num_labels == 1 and label_names:
+        raise DataError(f"model.num_labels: 1 trains a regression, but the labels of {where} are class names {label_names[:5]}")
+    if num_labels is not None and label_names and len(label_names) > num_labels:
+        raise DataError(f"model.num_labels: {num_labels}, but {where} has {len(label_names)} labels: {label_names[:10]}")
+    dtype = str(getattr(raw.features.get("label"), "dtype", ""))
+    if num_labels is None and not label_names and dtype.startswith("float"):
+        raise DataError(
+            f"model.num_labels: the labels of {where} are numbers with a fraction: set model.num_labels: 1 to train a regression, "
+            "or give class ids (integers) or class names"
+        )
 
 
 def tokenize(dataset, encoder: Encoder, num_proc: int | None = None):
@@ -373,23 +466,27 @@ def prepare_split(
     seed: int = 0,
     num_proc: int | None = None,
     cache: bool = True,
+    num_labels: int | None = None,
 ) -> Examples:
     """Load, tokenize and filter the sources ``specs`` (the config key ``key``); with ``cache``
-    the result is kept under its fingerprint and the next call with the same inputs loads it."""
+    the result is kept under its fingerprint and the next call with the same inputs loads it.
+    Classification: ``num_labels`` (model.num_labels) 1 is regression; labels are checked against it."""
     import datasets
 
     from ..deploy.atomic import write_folder
 
     specs = list(specs)
     settings = {"format": format, "max_length": max_length, "on_error": on_error, "label_names": label_names,
-                "columns": columns, "weights": weights, "seed": seed if weights else None, "mask_history": mask_history}  # fmt: skip
+                "columns": columns, "weights": weights, "seed": seed if weights else None, "mask_history": mask_history,
+                "num_labels": num_labels}  # fmt: skip
     folder = tokenized_cache_dir() / cache_key(specs, tokenizer, settings) if cache else None
     if folder is not None and (folder / META_NAME).is_file():
         return _load_cached(folder)
     raw = load_sources(specs, key, format, columns, weights, seed)
-    label_names = label_names or label_names_of(raw, format)
-    regression = format == "classification" and not label_names and str(getattr(raw.features.get("label"), "dtype", "")).startswith("float")
-    encoder = Encoder(tokenizer, format, max_length, specs, label_names, mask_history, regression)
+    label_names = label_names or label_names_of(raw, format, f"{key} {', '.join(specs)}")
+    if format == "classification":
+        check_label_count(raw, label_names, num_labels, f"{key} {', '.join(specs)}")
+    encoder = Encoder(tokenizer, format, max_length, specs, label_names, mask_history, num_labels)
     tokenized = tokenize(raw, encoder, num_proc)
     errors = tokenized["error"]
     bad = [i for i, error in enumerate(errors) if error is not None]
@@ -495,4 +592,8 @@ def split_holdout(examples: Examples, fraction: float, seed: int) -> tuple[Examp
         raise DataError(f"validation_fraction must be in (0, 1), got {fraction}")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, int(round(fraction * len(examples))))
-    return examples.select(order[n_val:]), examples.select(order[:n_val])
+    if n_val >= len(examples):
+        raise DataError(f"data.validation_fraction: {fraction} of {len(examples)} usable rows leaves no training row")
+    held_out = examples.select(order[:n_val])
+    held_out.skipped, held_out.skipped_count = {}, 0  # the file's skipped rows are counted once, with the training part
+    return examples.select(order[n_val:]), held_out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -207,9 +208,17 @@ def read_metadata(config_file: Path) -> dict:
             raise ValueError(f"{config_file}: '{key}' must be a {kind.__name__}, got {type(meta.get(key)).__name__}")
     if not isinstance(meta.get("trainable", []), list):
         raise ValueError(f"{config_file}: 'trainable' must be a list")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{config_file}: format_version {version!r} is newer than this sora_dist reads ({FORMAT_VERSION}): upgrade sora_dist")
     for name, spec in meta["modules"].items():
         if not isinstance(spec, dict) or any(not isinstance(spec.get(k), (int, float)) or isinstance(spec.get(k), bool) for k in SPEC_KEYS):
             raise ValueError(f"{config_file}: modules.{name} must give the numbers {', '.join(SPEC_KEYS)}")
+        for key, low in (("rank", 0), ("in_features", 1), ("out_features", 1)):
+            if not isinstance(spec[key], int) or spec[key] < low:
+                raise ValueError(f"{config_file}: modules.{name}.{key} must be an integer >= {low}, got {spec[key]!r}")
+        if not math.isfinite(spec["scale"]):
+            raise ValueError(f"{config_file}: modules.{name}.scale must be a finite number, got {spec['scale']!r}")
     return meta
 
 
@@ -235,7 +244,9 @@ def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> N
         tensor = tensors[key]
         if shape is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{where}: tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)} from {CONFIG_NAME}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{where}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; adapter tensors are floating-point")
+        if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{where}: tensor {key!r} holds NaN or inf values")
 
 

@@ -53,7 +53,10 @@ def checkpoint_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     if state is None:
         files = sorted(path.glob("model*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{path}: checkpoint has neither DeepSpeed shards nor model*.safetensors")
+            raise FileNotFoundError(
+                f"{path}: has {CONFIG_NAME} but no {WEIGHTS_NAME} (an adapter folder), nor model*.safetensors or DeepSpeed "
+                "shards (a training checkpoint)"
+            )
         state = {}
         for file in files:
             state.update(read_tensors(file))

@@ -51,18 +51,38 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def open_shard(path: Path):
+    """``safe_open`` of one base shard; a truncated or foreign file is a ValueError naming it."""
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError subclasses
+        raise ValueError(f"{path}: cannot be read as safetensors ({type(err).__name__}: {err})") from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: invalid {what}: {err}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: invalid {what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def base_shards(base: Path) -> dict[str, list[str]]:
     """Shard file -> tensor names, in the order the base stores them."""
     index = base / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: invalid safetensors index: no 'weight_map' object")
         shards: dict[str, list[str]] = {}
         for key, shard in weight_map.items():
             shards.setdefault(shard, []).append(key)
         return shards
     single = base / SINGLE_NAME
     if single.is_file():
-        with safe_open(str(single), "pt") as f:
+        with open_shard(single) as f:
             return {SINGLE_NAME: list(f.keys())}
     raise FileNotFoundError(
         f"{base}: no {SINGLE_NAME} or {INDEX_NAME}: the base must be a transformers folder with safetensors "
@@ -75,7 +95,7 @@ def check_base(base: Path, meta: dict, shards: dict[str, list[str]], adapter: st
     config_file = base / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: {base} is not a transformers model folder")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, "model config")
     if config.get("quantization_config"):
         raise ValueError(
             f"{config_file}: the base is quantized ({config['quantization_config'].get('quant_method')}); merge into the "
@@ -90,7 +110,7 @@ def check_base(base: Path, meta: dict, shards: dict[str, list[str]], adapter: st
         )
     shapes = {}
     for shard, keys in shards.items():
-        with safe_open(str(base / shard), "pt") as f:
+        with open_shard(base / shard) as f:
             for key in keys:
                 if key.endswith(".weight"):
                     shapes[key] = f.get_slice(key).get_shape()
@@ -142,6 +162,8 @@ def merge_files(
         if lora is None:
             return tensor.to(target)
         merged_count += 1
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{base}: base tensor {key!r} holds NaN or inf values; nothing was written")
         merged = (tensor.double() + lora.stored_delta(torch.float64)).to(target)
         if quantize:
             errors.append(quantization_error(merged, quantize))
@@ -152,7 +174,7 @@ def merge_files(
         leftover = {k: v for k, v in replaced.items() if not any(k in keys for keys in shards.values())}
         names = list(shards)
         for i, shard in enumerate(names):
-            with safe_open(str(base / shard), "pt") as source:
+            with open_shard(base / shard) as source:
                 extra = leftover if i == len(names) - 1 else {}
                 specs = [(key, _out_dtype(source.get_slice(key).get_dtype(), out_dtype), source.get_slice(key).get_shape()) for key in shards[shard]]
                 specs += [(key, out_dtype or t.dtype, list(t.shape)) for key, t in extra.items()]

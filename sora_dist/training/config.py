@@ -13,6 +13,9 @@ from ..sparsity.config import check_lambda_ramp
 LR_DECAYS = ("constant", "linear", "cosine")
 
 
+MAX_COUNT = 10**9  # steps, micro-batch size, accumulation: beyond any run (a bigger value is a typo)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of one training run. Batch sizes are per rank; steps count optimizer steps."""
@@ -52,8 +55,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ("steps", "micro_batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"TrainConfig.{key}: must be >= 1, got {getattr(self, key)}")
+            if not 1 <= getattr(self, key) <= MAX_COUNT:
+                raise ConfigError(f"TrainConfig.{key}: must be in [1, {MAX_COUNT:.0e}], got {getattr(self, key)}")
         for key in ("lr", "gate_lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value >= 0):

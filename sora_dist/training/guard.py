@@ -20,9 +20,10 @@ class FiniteGuard:
     or adapter is never made from a broken state and every rank stops together.
     """
 
-    def __init__(self, accelerator, config: TrainConfig):
+    def __init__(self, accelerator, config: TrainConfig, model=None):
         self.accelerator, self.config = accelerator, config
         self.first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        self.trained = [(name.removeprefix("module."), p) for name, p in model.named_parameters() if p.requires_grad] if model is not None else []
 
     def observe(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss.detach())
@@ -41,6 +42,28 @@ class FiniteGuard:
                 f"loss is not finite since optimizer step {first}; at step {step}: stopping; {where}. "
                 "Lower train.lr or train.max_grad_norm (or check the data) and resume"
             )
+        self.check_parameters(step)
+
+    def check_parameters(self, step: int) -> None:
+        """A finite loss can still come with a non-finite update (an lr of 1e30): name the parameter
+        and the key whose learning rate moved it, before anything is written from it."""
+        bad = next((name for name, p in self.trained if not bool(torch.isfinite(local_part(p)).all())), None)
+        flag = torch.tensor(float(bad is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() == 0:
+            return
+        key = "train.gate_lr (the gate learning rate)" if bad is not None and bad.endswith(".gate") else "train.lr"
+        what = f"parameter {bad}" if bad is not None else "a parameter of another rank"
+        raise NonFiniteLoss(
+            f"the update of step {step} or before made {what} NaN or inf although the loss was finite: "
+            f"lower {key} or set train.max_grad_norm; nothing was written from this state"
+        )
+
+
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``param``: its ZeRO-3 partition, or the tensor itself."""
+    return getattr(param, "ds_tensor", param).detach()
 
 
 def guard_due(step: int, config: TrainConfig, evaluating: bool) -> bool:

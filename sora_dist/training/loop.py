@@ -196,7 +196,7 @@ def train(
         if accelerator.is_main_process:
             print(f"resumed from {found} at step {step}", flush=True)
     progress = Progress(accelerator, config, step)
-    guard = FiniteGuard(accelerator, config)
+    guard = FiniteGuard(accelerator, config, model)
     try:
         while step < config.steps:
             set_learning_rates(optimizer, step, config)
