@@ -172,7 +172,7 @@ def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
     except RuntimeError as err:
         if not peer_failure(err) or process_rank()[1] <= 1:
             raise
-        report(f"lost contact with another process of this run (it failed or was killed): {str(err).splitlines()[0][:200]}",
+        report("lost contact with another process of this run: it failed or was killed (the launcher's summary names it)",
                everywhere=False)  # fmt: skip
         return 2
 

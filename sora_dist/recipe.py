@@ -136,15 +136,21 @@ def steps_from_epochs(cfg: RunConfig, rows: int, processes: int, main: bool) -> 
         raise ConfigError(f"train.epochs: {cfg.train.epochs:g} epochs make {steps} steps: {str(err).replace('TrainConfig.', 'train.')}") from None
 
 
-def check_batch_size(cfg: RunConfig, rows: int, processes: int) -> None:
-    """One optimizer step may not need more rows than the training set holds (a typo such as
-    micro_batch_size: 1e9 would otherwise build one endless batch)."""
+MAX_PASSES_PER_STEP = 1000  # one optimizer step over the data more often than this is a typo
+
+
+def check_batch_size(cfg: RunConfig, rows: int, processes: int, main: bool) -> None:
+    """An optimizer step that needs more rows than the training set holds repeats rows (said once);
+    one that would pass over the data more than MAX_PASSES_PER_STEP times (micro_batch_size: 1e9)
+    is refused rather than building one endless batch."""
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * processes
-    if per_step > rows:
-        raise ConfigError(
-            f"train.micro_batch_size: {cfg.train.micro_batch_size} x train.grad_accum {cfg.train.grad_accum} x {processes} processes = "
-            f"{per_step:,} rows per optimizer step, more than the {rows:,} training rows: lower micro_batch_size or grad_accum"
-        )
+    sizes = f"train.micro_batch_size {cfg.train.micro_batch_size} x train.grad_accum {cfg.train.grad_accum} x {processes} processes"
+    if per_step > MAX_PASSES_PER_STEP * rows:
+        raise ConfigError(f"train.micro_batch_size: {sizes} = {per_step:,} rows per optimizer step, over {MAX_PASSES_PER_STEP} "
+                          f"times the {rows:,} training rows: lower micro_batch_size or grad_accum")  # fmt: skip
+    if per_step > rows and main:
+        print(f"note: {sizes} = {per_step:,} rows per optimizer step, more than the {rows:,} training rows: rows repeat within a step",
+              flush=True)  # fmt: skip
 
 
 def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> None:
@@ -171,7 +177,7 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
                 first = next(iter(examples.skipped.items()))
                 print(f"skipped {examples.skipped_count} {name} rows that cannot be used (first: {first[0]}: {first[1]})", flush=True)
         rows, collate_rows, lengths = training_rows(cfg, train_set, tokenizer.pad_token_id, main)
-        check_batch_size(cfg, len(rows), accelerator.num_processes)
+        check_batch_size(cfg, len(rows), accelerator.num_processes, main)
         cfg = steps_from_epochs(cfg, len(rows), accelerator.num_processes, main)
         labels = num_labels_of(cfg, train_set)
         model = load_model(

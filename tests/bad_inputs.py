@@ -191,6 +191,7 @@ TRAIN_CASES: list[Case] = [
     cfg("lr NaN", r"train\.lr", train__lr=float("nan")),
     cfg("lr inf", r"train\.lr", train__lr=float("inf")),
     cfg("lr negative", r"train\.lr", train__lr=-1e-3),
+    cfg("lr 1e300", r"train\.lr: must be a finite number in \[0, 3\.40e\+38\]", train__lr=1e300),
     cfg("lr text", r"train\.lr: expected float", train__lr="fast"),
     cfg("gate_lr NaN", r"train\.gate_lr", train__gate_lr=float("nan")),
     cfg("gate_lr negative", r"train\.gate_lr", train__gate_lr=-1.0),
@@ -305,6 +306,9 @@ TRAIN_CASES: list[Case] = [
          files={"train.jsonl": jsonl(CLS), "valid.jsonl": jsonl([{"text": "w1", "label": "maybe"}])}),  # fmt: skip
     Case("second source broken", "data", r"extra\.jsonl.*row 1: missing field 'output'",
          config={"data.train_file": ["{dir}/train.jsonl", "{dir}/extra.jsonl"]}, files={"extra.jsonl": jsonl([{"instruction": "w1", "output": None}])}),  # fmt: skip
+    Case("ACCELERATE_USE_CPU with a DeepSpeed config", "config", r"ACCELERATE_USE_CPU=true .* turns DeepSpeed off",
+         env={"ACCELERATE_USE_CPU": "true", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "ds_configs" / "zero2.json")},
+         subprocess_only=True),  # fmt: skip
     # model files
     Case("model safetensors truncated", "base", r"model\.safetensors.*cannot be read", config={"model.path": "{dir}/model"}, prepare=lambda d: truncate_model(d)),
     Case("model config.json not JSON", "base", r"config\.json", config={"model.path": "{dir}/model"}, prepare=lambda d: copy_model(d, lambda m: (m / "config.json").write_text("{oops"))),

@@ -17,7 +17,7 @@ BASE = {"model": {"path": "some/model"}, "data": {"train_file": "train.jsonl"}}
         ("train", {"lrr": 1e-4}, r"^train\.lrr: unknown key; allowed keys: .*\blr\b"),
         ("train", {"lr": "fast"}, r"^train\.lr: expected float, got str 'fast'"),
         ("train", {"steps": 2.5}, r"^train\.steps: expected int"),
-        ("sora", {"r": 0}, r"^sora\.r must be a positive integer"),
+        ("sora", {"r": 0}, r"^sora\.r: must be a positive integer"),
         ("sora", {"gate_init": "zeros"}, r"^sora\.gate_init: must be one of"),
         ("data", {"train_file": "t.jsonl", "format": "xml"}, r"^data\.format: must be one of \['instruction', 'chat', 'text', 'classification', 'blocks'\]"),
         ("model", {"path": "m", "quantization": "3bit"}, r"^model\.quantization: must be one of"),

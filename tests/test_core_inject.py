@@ -208,7 +208,7 @@ def test_inject_twice_and_unknown_modules_to_save_raise():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"r": 0}, "r must"), ({"dropout": 1.0}, "dropout"), ({"gate_init": "zero"}, "gate_init"), ({"adapter_dtype": "float33"}, "adapter_dtype")],
+    [({"r": 0}, "r: must"), ({"dropout": 1.0}, "dropout"), ({"gate_init": "zero"}, "gate_init"), ({"adapter_dtype": "float33"}, "adapter_dtype")],
 )
 def test_invalid_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -100,7 +100,7 @@ def test_malformed_row_names_file_and_row(tokenizer, tmp_path):
 
 def test_invalid_json_line_names_row(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "good"}, '{"text": "oops"', {"text": "fine"}])
-    with pytest.raises(DataError, match=r"bad\.jsonl:row 2"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
         tokenize_file(path, tokenizer, "text", 64)
 
 

@@ -13,6 +13,7 @@ from ..sparsity.config import check_lambda_ramp
 LR_DECAYS = ("constant", "linear", "cosine")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # rates and norms are float32 tensors' factors on the device
 MAX_COUNT = 10**9  # steps, micro-batch size, accumulation: beyond any run (a bigger value is a typo)
 
 
@@ -59,8 +60,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{key}: must be in [1, {MAX_COUNT:.0e}], got {getattr(self, key)}")
         for key in ("lr", "gate_lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, key)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"TrainConfig.{key}: must be a finite number >= 0, got {value}")
+            if value is not None and not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+                raise ConfigError(f"TrainConfig.{key}: must be a finite number in [0, {FLOAT32_MAX:.2e}] (float32), got {value}")
         if not (math.isfinite(self.epochs) and self.epochs >= 0):
             raise ConfigError(f"TrainConfig.epochs: must be a finite number >= 0, got {self.epochs}")
         for key in ("save_every", "log_every", "eval_every", "lambda_steps"):
