@@ -33,6 +33,19 @@ KEEP = "prox_keep"  # budget mode: gates left non-zero after the next step; abse
 TAU = "prox_tau"  # budget mode: the τ the last step used (a 0-d tensor: no host sync), written by step()
 SHARDED = "gate_sharded"  # each rank steps a shard of the gates (ZeRO-1/2/3): budget mode gathers |z|
 PEAK_LR = "peak_lr"  # the group's learning rate before the schedule's factor
+GATE_L1 = "gate_l1"  # the released code's sparse_lambda: gate_l1 · Σ|g| / GATE_COUNT is part of the loss
+GATE_COUNT = "gate_count"  # gates of the whole model (not of this rank's shard): the L1 term's n
+
+def add_l1_gradient_(group: dict) -> None:
+    """The gradient of gate_l1 · Σ|g| / n_gates (the released code's second L1 term, which it adds
+    to the loss) added to the gate gradients before the gradient step, so Adam sees it as part of
+    the loss gradient. Elementwise, so a ZeRO shard of the gates needs nothing from other ranks;
+    n_gates is the whole model's count. It comes after gradient clipping (the released code clips
+    it with the rest), which keeps it independent of the clipping of the other gradients."""
+    gates = [g for g in group["params"] if g.grad is not None]
+    if gates:
+        torch._foreach_add_([g.grad for g in gates], torch._foreach_sign(gates), alpha=group[GATE_L1] / group[GATE_COUNT])
+
 
 def prox_threshold(lr: float, prox_lambda: float, threshold: str) -> float:
     """τ of the soft-threshold: η·λ for ``lr_scaled`` (the paper), ξ = λ for ``fixed``."""
@@ -125,6 +138,9 @@ class SoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            if group[GATE_FLAG] and group.get(GATE_L1):
+                add_l1_gradient_(group)
         if self.inner is not None:
             self.inner.step()
         for group in self.param_groups:
@@ -255,6 +271,10 @@ def _check_gate_group(group: dict, index: int) -> None:
         raise ValueError(f"{where}: {LAMBDA} (λ) must be >= 0, got {group[LAMBDA]}")
     if group["weight_decay"] != 0:
         raise ValueError(f"{where}: weight decay never applies to gates; got weight_decay={group['weight_decay']}")
+    if not (math.isfinite(group.get(GATE_L1, 0.0)) and group.get(GATE_L1, 0.0) >= 0):
+        raise ValueError(f"{where}: {GATE_L1} must be a finite number >= 0, got {group[GATE_L1]}")
+    if group.get(GATE_L1) and not group.get(GATE_COUNT, 0) >= 1:
+        raise ValueError(f"{where}: {GATE_L1} needs {GATE_COUNT}, the number of gates of the whole model")
 
 
 def sora_param_groups(
@@ -265,8 +285,10 @@ def sora_param_groups(
     lambda_: float = 0.0,
     gate_update: str = "prox_adam",
     threshold: str = "lr_scaled",
+    gate_l1: float = 0.0,
 ) -> list[dict]:
     """Param groups for :class:`SoRAOptimizer`: adapters (with decay), 1-d extras (no decay), gates.
+    ``gate_l1`` > 0 adds gate_l1 · Σ|g| / n_gates to the loss (see :func:`add_l1_gradient_`).
 
     "Extras" are the trainable parameters that are not SoRA weights (e.g. a classifier head kept
     by ``modules_to_save``); their biases and norms get no weight decay, as is customary.
@@ -297,6 +319,8 @@ def sora_param_groups(
             GATE_UPDATE: gate_update,
             THRESHOLD: threshold,
             LAMBDA: lambda_,
+            GATE_L1: gate_l1,
+            GATE_COUNT: sum(m.rank for _, m in sora_modules(model)),
             "group_name": "gate",
         },
     ]

@@ -29,7 +29,10 @@ class TrainConfig:
     gate_lr: float | None = option(
         None, "peak learning rate of the gates (default: train.lr; in budget mode one chosen from the budget, see sparsity_budget.lambda_max)"
     )
-    weight_decay: float = option(0.0, "AdamW weight decay of A and B (never the gates)")
+    weight_decay: float = option(0.0, "AdamW weight decay of A and B (never the gates); it pins the g <-> A, B scale")
+    gate_l1: float = option(
+        0.0, "the released code's second L1 term: adds gate_l1 x sum|g| / n_gates to the loss, through Adam (its sparse_lambda, e.g. 10)"
+    )
     warmup_steps: int = option(0, "linear warm-up steps of both learning rates")
     lr_decay: str = option("linear", "constant | linear | cosine decay after warm-up")
     max_grad_norm: float = option(1.0, "global gradient-norm clipping (0 = off)")
@@ -58,7 +61,7 @@ class TrainConfig:
         for key in ("steps", "micro_batch_size", "grad_accum"):
             if not 1 <= getattr(self, key) <= MAX_COUNT:
                 raise ConfigError(f"TrainConfig.{key}: must be in [1, {MAX_COUNT:.0e}], got {getattr(self, key)}")
-        for key in ("lr", "gate_lr", "weight_decay", "max_grad_norm"):
+        for key in ("lr", "gate_lr", "weight_decay", "max_grad_norm", "gate_l1"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
                 raise ConfigError(f"TrainConfig.{key}: must be a finite number in [0, {FLOAT32_MAX:.2e}] (float32), got {value}")

@@ -51,6 +51,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, accelerator=None) -> 
         lambda_=config.lambda_start,
         gate_update=config.gate_update,
         threshold=config.threshold,
+        gate_l1=config.gate_l1,
     )
     return SoRAOptimizer(groups, lr=config.lr, inner=inner, **inner_kwargs)
 
