@@ -182,6 +182,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="baseline: gates frozen at 1, no gate group (plain LoRA)")
     p.add_argument("--variable-lengths", action="store_true", help="train on variable_data() (lengths 4..32), padded per micro-batch")
     p.add_argument("--record-grads", action="store_true", help="write the first step's gradients to rank<r>_grads.safetensors")
+    p.add_argument("--normalize-factors", action="store_true", help="train.normalize_factors: move each rank's scale into its gate")
+    p.add_argument("--gate-l1", type=float, default=0.0, help="train.gate_l1: the L1 term of the released code")
     return p.parse_args()
 
 
@@ -236,6 +238,8 @@ def main() -> None:
         gate_lr=args.gate_lr,
         lambda_start=args.lambda_,
         max_grad_norm=args.max_grad_norm,
+        normalize_factors=args.normalize_factors,
+        gate_l1=args.gate_l1,
         seed=SEED,
         output_dir=str(Path(args.out) / "train"),
         save_every=args.save_every,

@@ -62,3 +62,76 @@ def test_groups_carry_the_l1_term_and_the_models_gate_count():
     assert groups["gate"]["lr"] == groups["adapter"]["lr"] == 8e-4 and groups["adapter"]["weight_decay"] == 0.1
     with pytest.raises(ValueError, match="gate_l1 must be a finite number >= 0"):
         SoRAOptimizer([{**groups["gate"], GATE_L1: -1.0}], lr=1e-3)
+
+
+# --- the scale-moving step (core/balance.py) -----------------------------------------------------
+
+
+def adapted_model(seed: int = 0):
+    from helpers import randomize_adapters, tiny_llama
+
+    model = inject_sora(tiny_llama(seed=seed), SoRAConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]), verbose=False)
+    randomize_adapters(model, seed=seed + 1, b_std=0.3)
+    with torch.no_grad():  # a dead gate, an all-zero B column and an all-zero A row stay as they are
+        layer = model.model.layers[0]
+        layer.self_attn.q_proj.gate[0] = 0.0
+        layer.self_attn.v_proj.lora_B[:, 1] = 0.0
+        layer.mlp.up_proj.lora_A[2] = 0.0
+    return model
+
+
+def delta_w(model) -> dict[str, torch.Tensor]:
+    from sora_dist import sora_modules
+
+    return {name: (m.scale * (m.lora_B.double() * m.gate.double()) @ m.lora_A.double()) for name, m in sora_modules(model)}
+
+
+def balanced_groups(model):
+    return [g for g in sora_param_groups(model, lr=1e-3, normalize_factors=True) if g.get("normalize_factors")]
+
+
+def test_moving_the_scale_into_the_gates_leaves_delta_w_unchanged():
+    from sora_dist import sora_modules
+    from sora_dist.core.balance import normalize_factors_
+
+    model = adapted_model()
+    before = delta_w(model)
+    contribution = {n: m.gate.detach().double().abs() * m.lora_A.detach().double().norm(dim=1) * m.lora_B.detach().double().norm(dim=0)
+                    for n, m in sora_modules(model)}  # fmt: skip
+    gates = {n: m.gate.detach().double().abs().clone() for n, m in sora_modules(model)}
+    normalize_factors_(balanced_groups(model))
+    for name, m in sora_modules(model):
+        torch.testing.assert_close(delta_w(model)[name], before[name], atol=1e-6, rtol=0)
+        a, b = m.lora_A.detach().double().norm(dim=1), m.lora_B.detach().double().norm(dim=0)
+        alive = (a > 0) & (b > 0)
+        torch.testing.assert_close(a[alive], torch.ones_like(a[alive]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(b[alive], torch.ones_like(b[alive]), atol=1e-6, rtol=0)
+        # |g| is now the rank's contribution / s; a rank without both factors keeps its gate
+        torch.testing.assert_close(m.gate.detach().double().abs(), torch.where(alive, contribution[name], gates[name]), atol=1e-6, rtol=1e-6)
+    q, v, up = (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.v_proj, model.model.layers[0].mlp.up_proj)
+    assert q.gate[0] == 0 and v.lora_B[:, 1].abs().sum() == 0 and up.lora_A[2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_the_scale_moving_step_on_hand_made_zero_shards_equals_the_whole_tensor_step(processes):
+    """Each param group flattened in order, padded and cut into equal pieces as ZeRO-1/2 do (rows of
+    A and columns of B straddle pieces): per-piece partial squares, summed as the one all-reduce
+    would, then per-piece rescaling, give exactly the whole-tensor result."""
+    from sora_dist.core.balance import apply_factors_, factor_squares, normalize_factors_
+
+    whole, sharded = adapted_model(), adapted_model()
+    normalize_factors_(balanced_groups(whole))
+    groups = balanced_groups(sharded)
+    flats, shards = [], []
+    for group in groups:
+        flat = torch.cat([p.detach().reshape(-1) for p in group["params"]])
+        part = -(-flat.numel() // processes)
+        flat = torch.cat([flat, torch.zeros(part * processes - flat.numel())])
+        flats.append(flat)
+        shards.append([{**group, "params": [flat[k * part : (k + 1) * part]]} for k in range(processes)])
+    squares = sum(factor_squares([s[k] for s in shards], rank=k, sharded=True) for k in range(processes))
+    for k in range(processes):
+        apply_factors_([s[k] for s in shards], squares, rank=k, sharded=True)
+    for group, flat in zip(balanced_groups(whole), flats):
+        expected = torch.cat([p.detach().reshape(-1) for p in group["params"]])
+        torch.testing.assert_close(flat[: expected.numel()], expected, atol=0, rtol=0)

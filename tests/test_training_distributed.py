@@ -219,3 +219,23 @@ def test_killed_offload_run_with_cpu_adam_resumes_to_rounding(dist_model_dir, tm
     assert "at step 2" in resumed.stdout, resumed.stdout[-2000:]
     assert_close(Result(crashed).adapter, Result(straight).adapter, 1e-5, "resumed CPU Adam run vs straight run")
     assert zero_pattern_mismatches(Result(crashed).gates, Result(straight).gates) == 0
+
+
+def test_zero2_scale_moving_step_and_l1_term_match_one_process(dist_model_dir, tmp_path):
+    """train.normalize_factors and train.gate_l1 on ZeRO-2 (each rank rescales its flat shard after
+    one all-reduce of partial norms) equal the same training on one process; ΔW's rank rows come
+    out at norm 1 where the gate lives."""
+    options = ("--normalize-factors", "--gate-l1", "1.0", "--lambda", "0.01")
+    launch(tmp_path / "one", dist_model_dir, "--backend", "single", "--micro-batch-size", "4", *options, nproc=1)
+    launch(tmp_path / "two", dist_model_dir, "--backend", "zero2", *options)
+    one, two = Result(tmp_path / "one"), Result(tmp_path / "two")
+    assert_ranks_identical(two)
+    assert_close(two.tensors[0], one.tensors[0], FP32_ATOL, "zero2 + normalize_factors + gate_l1 vs one process")
+    assert zero_pattern_mismatches(two.gates, one.gates) == 0
+    alive = 0
+    for key, gate in one.gates.items():
+        a = one.tensors[0][key.removesuffix("gate") + "lora_A"].norm(dim=1)
+        live = (gate != 0) & (a > 0)
+        alive += int(live.sum())
+        torch.testing.assert_close(a[live], torch.ones_like(a[live]), atol=1e-5, rtol=0)
+    assert alive > 0

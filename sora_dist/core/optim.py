@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .balance import BALANCE, LAYOUT, factor_layout, factor_roles, normalize_factors_
 from .config import GATE_UPDATES, THRESHOLDS
 from .inject import sora_modules
 
@@ -92,6 +93,15 @@ class SoRAOptimizer(torch.optim.Optimizer):
         self.inner_factory, self.inner_kwargs, self.inner = inner or torch.optim.AdamW, dict(inner_kwargs), None
         super().__init__(params, defaults)
         self._build_inner()
+        self._find_factor_groups()
+
+    def _find_factor_groups(self) -> None:
+        """The groups the scale-moving step spans (kept: DeepSpeed narrows param_groups per step)."""
+        self._factor_groups = [g for g in self.param_groups if g.get(BALANCE)]
+        self._factor_stepped: set[int] = set()
+        # Set by the backend when it keeps low-precision copies of what this optimizer steps and
+        # refreshes them group by group (ZeRO-1/2): the step rescaled groups already copied.
+        self.after_factor_step = getattr(self, "after_factor_step", None)
 
     def _build_inner(self) -> None:
         adapters = [g for g in self.param_groups if not g[GATE_FLAG]]
@@ -124,13 +134,15 @@ class SoRAOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # torch's Optimizer pickles and deep-copies only defaults, state and groups; the inner one too
-        return {**super().__getstate__(), "inner": self.inner, "inner_factory": self.inner_factory, "inner_kwargs": self.inner_kwargs}
+        return {**super().__getstate__(), "inner": self.inner, "inner_factory": self.inner_factory, "inner_kwargs": self.inner_kwargs,
+                "_factor_groups": self._factor_groups, "_factor_stepped": set(), "after_factor_step": None}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         if self.inner is not None:  # torch rebuilt the groups and the state: hand them to the inner optimizer again
             self.inner.param_groups = [g for g in self.param_groups if self._inner_steps(g)]
             self.inner.state = self.state
+        self._find_factor_groups()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -146,7 +158,23 @@ class SoRAOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             if group[GATE_FLAG]:
                 self._gate_step(group)
+        if self._factor_groups:
+            # DeepSpeed ZeRO-1/2 steps one group per call (param_groups narrowed to it): the
+            # scale-moving step runs once every group it spans has taken this step.
+            self._factor_stepped.update(id(g) for g in self.param_groups if g.get(BALANCE))
+            if self._factor_stepped >= {id(g) for g in self._factor_groups}:
+                self._factor_stepped = set()
+                self._normalize_factors()
         return loss
+
+    def _normalize_factors(self) -> None:
+        groups = self._factor_groups
+        sharded = any(group.get(SHARDED) for group in groups if group[GATE_FLAG])
+        distributed = sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        normalize_factors_(groups, rank, sharded, torch.distributed.all_reduce if distributed else None)
+        if self.after_factor_step is not None:
+            self.after_factor_step()
 
     def _adam_state(self, param: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """Advance ``param``'s step count; return (exp_avg, exp_avg_sq, -lr / bias1, sqrt(bias2))."""
@@ -286,9 +314,11 @@ def sora_param_groups(
     gate_update: str = "prox_adam",
     threshold: str = "lr_scaled",
     gate_l1: float = 0.0,
+    normalize_factors: bool = False,
 ) -> list[dict]:
     """Param groups for :class:`SoRAOptimizer`: adapters (with decay), 1-d extras (no decay), gates.
-    ``gate_l1`` > 0 adds gate_l1 · Σ|g| / n_gates to the loss (see :func:`add_l1_gradient_`).
+    ``gate_l1`` > 0 adds gate_l1 · Σ|g| / n_gates to the loss (see :func:`add_l1_gradient_`);
+    ``normalize_factors`` moves each rank's scale into its gate after every step (core/balance.py).
 
     "Extras" are the trainable parameters that are not SoRA weights (e.g. a classifier head kept
     by ``modules_to_save``); their biases and norms get no weight decay, as is customary.
@@ -324,7 +354,13 @@ def sora_param_groups(
             "group_name": "gate",
         },
     ]
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if normalize_factors:
+        roles = factor_roles(model)
+        for group in groups:
+            if any(id(p) in roles for p in group["params"]):
+                group[LAYOUT], group[BALANCE] = factor_layout(group["params"], roles), True
+    return groups
 
 
 def gate_groups(optimizer: torch.optim.Optimizer) -> list[dict]:

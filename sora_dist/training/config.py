@@ -30,6 +30,10 @@ class TrainConfig:
         None, "peak learning rate of the gates (default: train.lr; in budget mode one chosen from the budget, see sparsity_budget.lambda_max)"
     )
     weight_decay: float = option(0.0, "AdamW weight decay of A and B (never the gates); it pins the g <-> A, B scale")
+    normalize_factors: bool = option(
+        False, "after each step, scale each rank's row of A and column of B to norm 1 and move the norms into its gate "
+        "(the update is unchanged), so |g| is the rank's contribution: the threshold and budget mode rank by it (not under ZeRO-3)"
+    )
     gate_l1: float = option(
         0.0, "the released code's second L1 term: adds gate_l1 x sum|g| / n_gates to the loss, through Adam (its sparse_lambda, e.g. 10)"
     )

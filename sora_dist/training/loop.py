@@ -24,6 +24,7 @@ from torch import nn
 
 from ..backends import accelerate as engine
 from ..backends.optimizers import inner_optimizer
+from ..core.balance import factor_roles, use_zero_layout
 from ..core.optim import GATE_FLAG, SoRAOptimizer, mark_sharded, sora_param_groups
 from ..data.collate import stack_collate
 from ..data.formats import IGNORE
@@ -52,6 +53,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, accelerator=None) -> 
         gate_update=config.gate_update,
         threshold=config.threshold,
         gate_l1=config.gate_l1,
+        normalize_factors=config.normalize_factors,
     )
     return SoRAOptimizer(groups, lr=config.lr, inner=inner, **inner_kwargs)
 
@@ -65,10 +67,18 @@ def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, config: Tra
     """
     if not isinstance(optimizer, SoRAOptimizer):
         raise TypeError(f"prepare() needs a SoRAOptimizer (the gates are updated inside its step()), got {type(optimizer).__name__}")
+    if config.normalize_factors and engine.zero_stage(accelerator) == 3:
+        raise ValueError("train.normalize_factors: not available under ZeRO-3 (each parameter is partitioned on its own); use ZeRO-2")
     mark_sharded(optimizer, bool(engine.zero_stage(accelerator)))
     model, wrapped = engine.prepare(accelerator, model, optimizer, config.micro_batch_size, config.max_grad_norm)
     stepped = engine.client_optimizer(wrapped)
     backend = engine.backend_name(accelerator)
+    if config.normalize_factors and engine.zero_stage(accelerator) in (1, 2):
+        layouts = engine.zero12_flat_layouts(wrapped)
+        if layouts is None or len(layouts) != len(optimizer.param_groups):
+            raise RuntimeError("train.normalize_factors: cannot read the ZeRO-1/2 flat layout of this DeepSpeed version")
+        use_zero_layout(optimizer.param_groups, layouts, factor_roles(accelerator.unwrap_model(model)))
+        optimizer.after_factor_step = engine.zero12_copy_to_model(wrapped)
     if stepped is not optimizer:
         raise RuntimeError(
             f"the {backend} backend replaced the SoRA optimizer by {type(stepped).__name__}; the gates would never "
