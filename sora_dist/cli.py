@@ -91,6 +91,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 def refuse_output_inside(flag: str, out: str, inputs: dict[str, str]) -> None:
     """An output folder that is, holds or lies inside an input would replace (with --force) what is read."""
     target = Path(out).resolve()
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{flag} {out}: cannot create it: {blocker} is a file, not a folder")
     for name, value in inputs.items():
         source = Path(value).resolve()
         if target == source or source in target.parents or target in source.parents:
