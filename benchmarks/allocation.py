@@ -195,16 +195,9 @@ def main(argv=None) -> None:
     settings = quality.with_overrides(dataclasses.replace(spec["settings"], lr=args.lr), args.set)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["seeds"]
     tasks = args.tasks.split(",") if args.tasks else spec["tasks"]
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    out = Path(args.out or f"runs/allocation/{args.mode or 'quick'}-{settings.fingerprint()}")
-    out.mkdir(parents=True, exist_ok=True)
-    results_file = out / "results.jsonl"
-    rows = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.is_file() else []
+    results_file, rows = regime.results_log("allocation", args.mode, settings, args.out)
     done = {(r["experiment"], r["task"], r["seed"], r.get("source")) for r in rows}
-    from transformers import AutoTokenizer
-
-    model_path = quality.model_folder(settings.encoder)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path, tokenizer = regime.encoder(settings)
     for task_name in tasks:
         task = TASKS[task_name]
         splits, _ = quality.load_splits(task, settings, tokenizer)
@@ -222,7 +215,7 @@ def main(argv=None) -> None:
                     f.writelines(json.dumps(r) + "\n" for r in new)
                 print(f"{task_name} {experiment} seed {seed}: done", flush=True)
     text = table([r for r in rows if r["task"] in tasks])
-    (out / "table.md").write_text(text + "\n")
+    (results_file.parent / "table.md").write_text(text + "\n")
     print(text)
 
 

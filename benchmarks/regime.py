@@ -189,6 +189,24 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
 
 
+def results_log(name: str, mode: str | None, settings: Settings, out: str | None = None) -> tuple[Path, list[dict]]:
+    """``runs/<name>/<mode>-<settings hash>/results.jsonl`` and the runs already in it (a rerun skips
+    them, so an interrupted benchmark continues)."""
+    folder = Path(out or f"runs/{name}/{mode or 'quick'}-{settings.fingerprint()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / "results.jsonl"
+    return file, [json.loads(line) for line in file.read_text().splitlines()] if file.is_file() else []
+
+
+def encoder(settings: Settings):
+    """(the encoder's folder, its tokenizer), with torch at no more threads than this machine has cores for."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    path = quality.model_folder(settings.encoder)
+    return path, AutoTokenizer.from_pretrained(path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -207,16 +225,9 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["seeds"]
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else spec["lrs"]
     arms = args.arms.split(",") if args.arms else spec["arms"]
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    out = Path(args.out or f"runs/regime/{args.mode or 'quick'}-{settings.fingerprint()}")
-    out.mkdir(parents=True, exist_ok=True)
-    results_file = out / "results.jsonl"
-    results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.is_file() else []
+    results_file, results = results_log("regime", args.mode, settings, args.out)
     done = {(r["task"], r["arm"], r["seed"], r["lr"]) for r in results}
-    from transformers import AutoTokenizer
-
-    model_path = quality.model_folder(settings.encoder)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path, tokenizer = encoder(settings)
     for task_name in tasks:
         task = TASKS[task_name]
         splits, _ = quality.load_splits(task, settings, tokenizer)
@@ -232,7 +243,7 @@ def main(argv=None) -> None:
                     print(f"{task_name} {arm} seed {seed} lr {lr:g}: test@best {100 * result['test_at_best']:.1f} (epoch {result['best_epoch']}), "
                           f"last {100 * result['test_last']:.1f}, kept {result['kept_at_best']:,}, {result['seconds']:.0f} s", flush=True)  # fmt: skip
     table = summarize([r for r in results if r["task"] in tasks and r["arm"] in arms], arms)
-    (out / "table.md").write_text(table + "\n")
+    (results_file.parent / "table.md").write_text(table + "\n")
     print(table)
 
 

@@ -90,8 +90,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 def refuse_output_inside(flag: str, out: str, inputs: dict[str, str]) -> None:
     """An output folder that is, holds or lies inside an input would replace (with --force) what is read."""
+    from .deploy.atomic import file_in_the_way
+
     target = Path(out).resolve()
-    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    blocker = file_in_the_way(out)
     if blocker is not None:
         raise ValueError(f"{flag} {out}: cannot create it: {blocker} is a file, not a folder")
     for name, value in inputs.items():

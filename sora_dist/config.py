@@ -24,6 +24,7 @@ from .backends.dtypes import LONG_NAMES, MIXED_PRECISIONS
 from .backends.optimizers import check_optimizer
 from .core.config import GATE_UPDATES, SoRAConfig
 from .data.config import DataConfig
+from .deploy.atomic import file_in_the_way
 from .options import ConfigError, choice, help_of, option
 from .sparsity.config import SparsityBudget, SparsitySchedule
 from .training.config import TrainConfig
@@ -246,9 +247,10 @@ def check_output_dir(path: str) -> None:
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"train.output_dir: {path} is a file, not a folder")
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        raise ConfigError(f"train.output_dir: cannot create {path}: {blocker} is a file, not a folder")
     existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"train.output_dir: cannot create {path}: {existing} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"train.output_dir: cannot create or write {path}: no write permission in {existing}")
 

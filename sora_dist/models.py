@@ -9,6 +9,7 @@ from torch import nn
 
 from .backends.accelerate import cpu_only
 from .deploy.io import auto_class
+from .options import one_line
 
 TASKS = ("causal_lm", "sequence_classification")
 
@@ -97,11 +98,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) < 400 else text[:400] + "..."
 
 
 def check_weight_files(folder: str) -> None:

@@ -30,3 +30,12 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
     """Raise ConfigError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ConfigError(f"{key}: must be one of {list(allowed)}, got {value!r}")
+
+
+def one_line(err: BaseException, innermost: bool = False, limit: int = 400) -> str:
+    """A library error's message on one line for ``error: ...`` (``innermost``: its deepest cause,
+    where the library wrapped the real reason in its own exception)."""
+    while innermost and (err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__)):
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) < limit else text[:limit] + "..."

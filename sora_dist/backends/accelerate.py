@@ -230,21 +230,26 @@ def client_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def zero12_flat_layouts(optimizer) -> list[tuple[list, list[int], int]] | None:
+def zero12_optimizer(optimizer):
+    """DeepSpeed's ZeRO-1/2 optimizer under Accelerate's wrapper, or None for any other optimizer."""
+    while optimizer is not None and not hasattr(optimizer, "bit16_groups"):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+def zero12_flat_layouts(optimizer) -> list[tuple[list, list[int] | None, int]] | None:
     """Per param group of a DeepSpeed ZeRO-1/2 optimizer: (its parameters in flat order, their
-    offsets in the flat buffer, where this rank's piece starts); None for any other optimizer."""
-    zero = optimizer
-    while zero is not None and not hasattr(zero, "bit16_groups"):
-        zero = getattr(zero, "optimizer", None)
+    offsets in the flat buffer (None: one after the other), where this rank's piece starts); None
+    for any other optimizer."""
+    zero = zero12_optimizer(optimizer)
     if zero is None:
         return None
+    offsets = getattr(zero, "round_robin_bit16_offsets", None)
     layouts = []
     for i, params in enumerate(getattr(zero, "round_robin_bit16_groups", zero.bit16_groups)):
-        offsets = getattr(zero, "round_robin_bit16_offsets", None)
-        offsets = offsets[i] if offsets else torch.tensor([0] + [p.numel() for p in params[:-1]]).cumsum(0).tolist()
         pieces = zero.parallel_partitioned_bit16_groups[i]
         rank = torch.distributed.get_rank(group=zero.real_dp_process_group[i])
-        layouts.append((list(params), list(offsets), sum(t.numel() for t in pieces[:rank])))
+        layouts.append((list(params), list(offsets[i]) if offsets else None, sum(t.numel() for t in pieces[:rank])))
     return layouts
 
 
@@ -252,9 +257,7 @@ def zero12_copy_to_model(optimizer):
     """A function copying every fp32 partition of a ZeRO-1/2 optimizer into the model's bit16
     partition (what DeepSpeed does right after each group's step; its all-gather follows the last
     group), or None for any other optimizer."""
-    zero = optimizer
-    while zero is not None and not hasattr(zero, "bit16_groups"):
-        zero = getattr(zero, "optimizer", None)
+    zero = zero12_optimizer(optimizer)
     if zero is None:
         return None
 

@@ -63,23 +63,23 @@ def pieces(group: dict, rank: int, sharded: bool) -> list[tuple[torch.Tensor, in
     return [(flat.data.view(-1), group.get(SHARD_START, rank * flat.numel()))]
 
 
-def _overlaps(group: dict, piece: torch.Tensor, start: int):
-    """(role, module, shape, positions in the entry, the piece's view of them) for every SoRA entry
-    that overlaps ``piece``."""
-    end = start + piece.numel()
-    for role, module, shape, offset in group[LAYOUT]:
-        lo, hi = max(offset, start), min(offset + _numel(shape), end)
-        if role is not None and lo < hi:
-            yield role, module, shape, torch.arange(lo - offset, hi - offset, device=piece.device), piece[lo - start : hi - start]
-
-
-def _index(role: str, shape: tuple[int, ...], positions: torch.Tensor) -> torch.Tensor:
-    """The SoRA rank each element belongs to: A (r x d_in) by row, B (d_out x r) by column, g by index."""
-    if role == "A":
-        return positions // shape[1]
-    if role == "B":
-        return positions % shape[1]
-    return positions
+def held(groups: list[dict], rank: int = 0, sharded: bool = False) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], int]:
+    """(role, SoRA rank of each element, this process's view of the elements) for every part of an
+    A, B or gate this process holds, and the number of SoRA ranks in the model. SoRA rank i of
+    module k is ``starts[k] + i``: A (r x d_in) by row, B (d_out x r) by column, g by index."""
+    starts = torch.tensor([0] + module_ranks(groups)).cumsum(0).tolist()
+    out = []
+    for group in groups:
+        for piece, start in pieces(group, rank, sharded):
+            end = start + piece.numel()
+            for role, module, shape, offset in group[LAYOUT]:
+                lo, hi = max(offset, start), min(offset + _numel(shape), end)
+                if role is None or lo >= hi:
+                    continue
+                positions = torch.arange(lo - offset, hi - offset, device=piece.device)
+                within = positions // shape[1] if role == "A" else positions % shape[1] if role == "B" else positions
+                out.append((role, starts[module] + within, piece[lo - start : hi - start]))
+    return out, starts[-1]
 
 
 def module_ranks(groups: list[dict]) -> list[int]:
@@ -88,36 +88,26 @@ def module_ranks(groups: list[dict]) -> list[int]:
     return [ranks[k] for k in range(len(ranks))]
 
 
-def factor_squares(groups: list[dict], rank: int = 0, sharded: bool = False) -> torch.Tensor:
+def factor_squares(groups: list[dict], rank: int = 0, sharded: bool = False, parts=None) -> torch.Tensor:
     """[‖A_i‖² | ‖B_i‖²] over the SoRA ranks of the model, from what this process holds (partial sums
-    when ``sharded``)."""
-    starts, total = _starts(groups)
+    when ``sharded``); ``parts``: :func:`held` of the same arguments, if already made."""
+    parts, total = parts or held(groups, rank, sharded)
     squares = torch.zeros(2 * total, dtype=torch.float64, device=groups[0]["params"][0].device)
-    for group in groups:
-        for piece, start in pieces(group, rank, sharded):
-            for role, module, shape, positions, values in _overlaps(group, piece, start):
-                if role != "gate":
-                    index = starts[module] + _index(role, shape, positions) + (total if role == "B" else 0)
-                    squares.index_add_(0, index, values.double() ** 2)
+    for role, index, values in parts:
+        if role != "gate":
+            squares.index_add_(0, index + (total if role == "B" else 0), values.double() ** 2)
     return squares
 
 
-def apply_factors_(groups: list[dict], squares: torch.Tensor, rank: int = 0, sharded: bool = False) -> None:
+def apply_factors_(groups: list[dict], squares: torch.Tensor, rank: int = 0, sharded: bool = False, parts=None) -> None:
     """Rescale what this process holds, given the whole norms (``squares`` summed over processes)."""
-    starts, total = _starts(groups)
+    parts, total = parts or held(groups, rank, sharded)
     norm_a, norm_b = squares[:total].sqrt(), squares[total:].sqrt()
     alive = (norm_a > 0) & (norm_b > 0)
     one = torch.ones_like(norm_a)
     factor = {"A": torch.where(alive, 1 / norm_a, one), "B": torch.where(alive, 1 / norm_b, one), "gate": torch.where(alive, norm_a * norm_b, one)}
-    for group in groups:
-        for piece, start in pieces(group, rank, sharded):
-            for role, module, shape, positions, values in _overlaps(group, piece, start):
-                values.mul_(factor[role][starts[module] + _index(role, shape, positions)].to(values.dtype))
-
-
-def _starts(groups: list[dict]) -> tuple[list[int], int]:
-    starts = torch.tensor([0] + module_ranks(groups)).cumsum(0).tolist()
-    return starts, starts[-1]
+    for role, index, values in parts:
+        values.mul_(factor[role][index].to(values.dtype))
 
 
 def normalize_factors_(groups: list[dict], rank: int = 0, sharded: bool = False, all_reduce=None) -> None:
@@ -127,13 +117,14 @@ def normalize_factors_(groups: list[dict], rank: int = 0, sharded: bool = False,
     groups = [g for g in groups if g.get(BALANCE)]
     if not groups:
         return
-    squares = factor_squares(groups, rank, sharded)
+    parts = held(groups, rank, sharded)
+    squares = factor_squares(groups, rank, sharded, parts)
     if sharded and all_reduce is not None:
         all_reduce(squares)
-    apply_factors_(groups, squares, rank, sharded)
+    apply_factors_(groups, squares, rank, sharded, parts)
 
 
-def use_zero_layout(groups: list[dict], flat_layouts: list[tuple[list, list[int], int]], roles: dict[int, tuple[str, int]]) -> None:
+def use_zero_layout(groups: list[dict], flat_layouts: list[tuple[list, list[int] | None, int]], roles: dict[int, tuple[str, int]]) -> None:
     """Adopt the engine's flat layout: per group, (its parameters in flat order, their offsets, where
     this rank's piece starts). Checks it: the piece must hold the parameters' values at those places."""
     for group, (params, offsets, start) in zip(groups, flat_layouts):

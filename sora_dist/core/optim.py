@@ -94,14 +94,14 @@ class SoRAOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._build_inner()
         self._find_factor_groups()
+        # Set by the backend when it keeps low-precision copies of what this optimizer steps and
+        # refreshes them group by group (ZeRO-1/2): the scale-moving step rescaled groups already copied.
+        self.after_factor_step = None
 
     def _find_factor_groups(self) -> None:
         """The groups the scale-moving step spans (kept: DeepSpeed narrows param_groups per step)."""
         self._factor_groups = [g for g in self.param_groups if g.get(BALANCE)]
         self._factor_stepped: set[int] = set()
-        # Set by the backend when it keeps low-precision copies of what this optimizer steps and
-        # refreshes them group by group (ZeRO-1/2): the step rescaled groups already copied.
-        self.after_factor_step = getattr(self, "after_factor_step", None)
 
     def _build_inner(self) -> None:
         adapters = [g for g in self.param_groups if not g[GATE_FLAG]]

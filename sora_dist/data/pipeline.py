@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..options import one_line
 from .chat import check_messages, encode_conversation, has_generation_markers, label_tokens, render
 from .config import FORMATS, ON_ERROR
 from .formats import IGNORE, DataError, encode_classification, encode_instruction, encode_text, token_blocks
@@ -74,7 +75,7 @@ def load_source(spec: str, key: str):
     except DataError:
         raise
     except Exception as err:  # datasets wraps parser errors in several exception types
-        raise DataError(_first_bad_line(path) or f"{spec}: cannot be read as a data set: {_reason(err)}") from None
+        raise DataError(_first_bad_line(path) or f"{spec}: cannot be read as a data set: {one_line(err, innermost=True, limit=300)}") from None
     if "/" not in spec or spec.startswith((".", "/")) or Path(spec).suffix.lower() in FILE_BUILDERS:
         raise DataError(f"{key} {spec!r}: no such file or folder")
     name, subset, split = parse_hub(spec)
@@ -126,15 +127,12 @@ def quiet_datasets():
 
 
 def _first_bad_line(path: Path) -> str | None:
-    """``file:N: what is wrong`` for the first line of a JSONL file that is not UTF-8 or not a JSON object."""
+    """``file:N: what is wrong`` for the first line of a JSONL file that is not a JSON object (its
+    encoding was checked before loading, by :func:`check_text_file`)."""
     if not path.is_file() or path.suffix.lower() != ".jsonl":
         return None
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                return f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line); re-save the file as UTF-8"
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -144,14 +142,6 @@ def _first_bad_line(path: Path) -> str | None:
             if not isinstance(value, dict):
                 return f"{path}:{number}: each line must be a JSON object, got {type(value).__name__}"
     return None
-
-
-def _reason(err: BaseException) -> str:
-    """The innermost cause of a library error, on one line."""
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ or err.__context__
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) < 300 else text[:300] + "..."
 
 
 TEXT_FIELDS = ("instruction", "input", "output", "text", "text_pair")

@@ -15,9 +15,10 @@ class NonFiniteLoss(RuntimeError):
 class FiniteGuard:
     """Remembers, on the device, the first optimizer step whose loss was NaN or inf.
 
-    :meth:`observe` runs every step without a host sync or a collective; :meth:`check` (one scalar
-    all-reduce and one sync) runs before anything is logged, evaluated or written, so a checkpoint
-    or adapter is never made from a broken state and every rank stops together.
+    :meth:`observe` runs every step without a host sync or a collective; :meth:`check` (one small
+    all-reduce and one sync, also covering every trained parameter) runs before anything is logged,
+    evaluated or written, so a checkpoint or adapter is never made from a broken state and every
+    rank stops together.
     """
 
     def __init__(self, accelerator, config: TrainConfig, model=None):
@@ -30,35 +31,37 @@ class FiniteGuard:
         self.first_bad = torch.where((self.first_bad == 0) & bad, torch.full_like(self.first_bad, step), self.first_bad)
 
     def check(self, step: int) -> None:
+        """The loss since the last check, and every trained parameter now (a finite loss can come
+        with a non-finite update, e.g. an lr of 1e30): one all-reduce and one host sync."""
         never = torch.full_like(self.first_bad, self.config.steps + 1)
         first = torch.where(self.first_bad > 0, self.first_bad, never)
+        state = torch.stack([-first, self._parameters_bad()])
         if self.accelerator.num_processes > 1:
-            first = -self.accelerator.reduce(-first, reduction="max")  # the earliest over all ranks
-        first = int(first.item())
-        if first <= self.config.steps:
+            state = self.accelerator.reduce(state, reduction="max")  # the earliest bad loss; any bad parameter
+        minus_first, parameters_bad = state.tolist()
+        if -minus_first <= self.config.steps:
             last = latest_checkpoint(self.config.output_dir) if self.config.output_dir else None
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise NonFiniteLoss(
-                f"loss is not finite since optimizer step {first}; at step {step}: stopping; {where}. "
+                f"loss is not finite since optimizer step {-minus_first}; at step {step}: stopping; {where}. "
                 "Lower train.lr or train.max_grad_norm (or check the data) and resume"
             )
-        self.check_parameters(step)
+        if parameters_bad:
+            bad = next((name for name, p in self.trained if not bool(torch.isfinite(local_part(p)).all())), None)
+            key = "train.gate_lr (the gate learning rate)" if bad is not None and bad.endswith(".gate") else "train.lr"
+            what = f"parameter {bad}" if bad is not None else "a parameter of another rank"
+            raise NonFiniteLoss(
+                f"the update of step {step} or before made {what} NaN or inf although the loss was finite: "
+                f"lower {key} or set train.max_grad_norm; nothing was written from this state"
+            )
 
-    def check_parameters(self, step: int) -> None:
-        """A finite loss can still come with a non-finite update (an lr of 1e30): name the parameter
-        and the key whose learning rate moved it, before anything is written from it."""
-        bad = next((name for name, p in self.trained if not bool(torch.isfinite(local_part(p)).all())), None)
-        flag = torch.tensor(float(bad is not None), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        if flag.item() == 0:
-            return
-        key = "train.gate_lr (the gate learning rate)" if bad is not None and bad.endswith(".gate") else "train.lr"
-        what = f"parameter {bad}" if bad is not None else "a parameter of another rank"
-        raise NonFiniteLoss(
-            f"the update of step {step} or before made {what} NaN or inf although the loss was finite: "
-            f"lower {key} or set train.max_grad_norm; nothing was written from this state"
-        )
+    def _parameters_bad(self) -> torch.Tensor:
+        """1 on the device if a trained parameter (this rank's part of it) holds NaN or inf, else 0."""
+        device = self.first_bad.device
+        if not self.trained:
+            return torch.zeros((), dtype=torch.long, device=device)
+        finite = [torch.isfinite(local_part(p)).all().to(device) for _, p in self.trained]
+        return (~torch.stack(finite).all()).long()
 
 
 def local_part(param: torch.Tensor) -> torch.Tensor:
