@@ -268,7 +268,7 @@ def check_budget(config: RunConfig) -> None:
     budget = config.sparsity_budget
     if config.sparsity_schedule is not None:
         raise ConfigError("sparsity_budget: cannot be combined with sparsity_schedule (both choose lambda): keep one")
-    if budget.by_step > config.train.steps:
+    if not config.train.epochs and budget.by_step > config.train.steps:  # with epochs: recipe.steps_from_epochs
         raise ConfigError(f"sparsity_budget.by_step: must be <= train.steps={config.train.steps}, got {budget.by_step}")
     if budget.target_rank is not None and budget.target_rank > config.sora.r:
         raise ConfigError(f"sparsity_budget.target_rank: must be <= sora.r={config.sora.r}, got {budget.target_rank}")

@@ -130,6 +130,8 @@ def steps_from_epochs(cfg: RunConfig, rows: int, processes: int, main: bool) -> 
     steps = max(1, math.ceil(cfg.train.epochs * rows / per_step))
     if main:
         print(f"train.epochs {cfg.train.epochs:g}: {steps} optimizer steps of {per_step} rows ({rows:,} rows)", flush=True)
+    if cfg.sparsity_budget is not None and cfg.sparsity_budget.by_step > steps:
+        raise ConfigError(f"sparsity_budget.by_step: {cfg.sparsity_budget.by_step} is past the {steps} steps train.epochs {cfg.train.epochs:g} makes")
     try:
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, epochs=0.0))
     except ValueError as err:

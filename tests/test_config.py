@@ -4,6 +4,8 @@ named with their place."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sora_dist.config import ConfigError, load_config
@@ -40,3 +42,29 @@ def test_config_overrides_and_unknown_section(tmp_path):
     bad.write_text("model:\n  path: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (Path(__file__).parents[1] / "examples").glob("*.yaml")))
+def test_every_example_config_validates(example, monkeypatch):
+    """The shipped configs load as they are (with train.epochs, steps are known only once the data
+    is, so warm-up and budget steps are checked against them then)."""
+    repo = Path(__file__).parents[1]
+    monkeypatch.chdir(repo)
+    config = load_config(repo / "examples" / example)
+    assert config.model.path and config.train.steps >= 1
+
+
+def test_warmup_past_the_steps_of_the_epochs_is_named_once_they_are_known():
+    import dataclasses
+
+    from sora_dist.recipe import steps_from_epochs
+
+    raw = {"model": {"path": "m"}, "data": {"train_file": "t.jsonl"}, "train": {"epochs": 1, "warmup_steps": 20, "micro_batch_size": 4}}
+    config = load_config(raw=raw)
+    assert steps_from_epochs(config, 400, 1, main=False).train.steps == 100
+    with pytest.raises(ConfigError, match=r"train\.epochs: 1 epochs make 10 steps: train\.warmup_steps: must be in \[0, steps=10\)"):
+        steps_from_epochs(config, 40, 1, main=False)
+    budget = dataclasses.replace(config, train=dataclasses.replace(config.train, warmup_steps=0))
+    budget.sparsity_budget = load_config(raw={**raw, "sparsity_budget": {"target_rank": 2, "by_step": 50}}).sparsity_budget
+    with pytest.raises(ConfigError, match=r"sparsity_budget\.by_step: 50 is past the 10 steps"):
+        steps_from_epochs(budget, 40, 1, main=False)

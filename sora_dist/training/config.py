@@ -78,7 +78,8 @@ class TrainConfig:
         choice("TrainConfig.gate_update", self.gate_update, GATE_UPDATES)
         choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
         choice("TrainConfig.threshold", self.threshold, THRESHOLDS)
-        if not 0 <= self.warmup_steps < self.steps:
+        # With epochs, steps is known once the data is (recipe.steps_from_epochs checks again then).
+        if self.warmup_steps < 0 or (not self.epochs and self.warmup_steps >= self.steps):
             raise ConfigError(f"TrainConfig.warmup_steps: must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"TrainConfig.keep_checkpoints: must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
