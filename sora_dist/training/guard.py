@@ -15,8 +15,8 @@ class NonFiniteLoss(RuntimeError):
 class FiniteGuard:
     """Remembers, on the device, the first optimizer step whose loss was NaN or inf.
 
-    :meth:`observe` runs every step without a host sync or a collective; :meth:`check` (one small
-    all-reduce and one sync, also covering every trained parameter) runs before anything is logged,
+    :meth:`observe` runs every step without a host sync or a collective; :meth:`check` (two scalar
+    all-reduces and one sync, also covering every trained parameter) runs before anything is logged,
     evaluated or written, so a checkpoint or adapter is never made from a broken state and every
     rank stops together.
     """
@@ -32,13 +32,14 @@ class FiniteGuard:
 
     def check(self, step: int) -> None:
         """The loss since the last check, and every trained parameter now (a finite loss can come
-        with a non-finite update, e.g. an lr of 1e30): one all-reduce and one host sync."""
+        with a non-finite update, e.g. an lr of 1e30): two scalar all-reduces and one host sync."""
         never = torch.full_like(self.first_bad, self.config.steps + 1)
         first = torch.where(self.first_bad > 0, self.first_bad, never)
-        state = torch.stack([-first, self._parameters_bad()])
-        if self.accelerator.num_processes > 1:
-            state = self.accelerator.reduce(state, reduction="max")  # the earliest bad loss; any bad parameter
-        minus_first, parameters_bad = state.tolist()
+        minus_first, parameters_bad = -first, self._parameters_bad()
+        if self.accelerator.num_processes > 1:  # the earliest bad loss, any bad parameter: two scalar reductions
+            minus_first = self.accelerator.reduce(minus_first, reduction="max")
+            parameters_bad = self.accelerator.reduce(parameters_bad, reduction="max")
+        minus_first, parameters_bad = torch.stack([minus_first, parameters_bad]).tolist()
         if -minus_first <= self.config.steps:
             last = latest_checkpoint(self.config.output_dir) if self.config.output_dir else None
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
