@@ -101,7 +101,7 @@ def test_rows_without_labels_after_truncation_are_dropped_and_counted(tokenizer,
     path = str(write_jsonl(tmp_path / "i.jsonl", rows))
     kept = prepare_split([path], "data.train_file", tokenizer, "instruction", 4, on_error="skip", cache=False)
     assert len(kept) == 1 and kept.skipped_count == 1
-    assert kept.skipped == {f"{path}:row 1": "no labelled token left after truncation to max_length=4"}
+    assert kept.skipped == {f"{path}:row 1": "no labelled token left after truncation to max_length=4, so nothing to learn"}
     with pytest.raises(DataError, match=r"i\.jsonl:row 1: no labelled token left after truncation to max_length=4"):
         prepare_split([path], "data.train_file", tokenizer, "instruction", 4, cache=False)
 

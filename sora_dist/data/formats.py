@@ -19,6 +19,7 @@ import math
 import torch
 
 IGNORE = -100
+NO_LABEL = "nothing to learn"  # in the message of every row dropped for having no labelled token
 INSTRUCTION_TEMPLATE = "{instruction}\n\n{input}"
 
 
@@ -45,13 +46,18 @@ def encode_instruction(row: dict, tokenizer, where: str) -> dict:
     instruction = _text(row, "instruction", where)
     prompt = INSTRUCTION_TEMPLATE.format(instruction=instruction, input=_text(row, "input", where, required=False)).rstrip() + "\n\n"
     output = _text(row, "output", where)
+    if not output.strip():
+        raise DataError(f"{where}: empty 'output', {NO_LABEL}")
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     output_ids = _with_eos(tokenizer, tokenizer(output, add_special_tokens=False)["input_ids"])
-    return {"input_ids": prompt_ids + output_ids, "labels": [IGNORE] * len(prompt_ids) + output_ids}
+    return {"input_ids": prompt_ids + output_ids, "labels": [IGNORE] * len(prompt_ids) + output_ids, "prompt_length": len(prompt_ids)}
 
 
 def encode_text(row: dict, tokenizer, where: str) -> dict:
-    ids = _with_eos(tokenizer, tokenizer(_text(row, "text", where))["input_ids"])
+    text = _text(row, "text", where)
+    if not text.strip():
+        raise DataError(f"{where}: empty 'text', {NO_LABEL}")
+    ids = _with_eos(tokenizer, tokenizer(text)["input_ids"])
     return {"input_ids": ids, "labels": list(ids)}
 
 

@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Sequence
 
 from ..options import one_line
-from .chat import check_messages, encode_conversation, has_generation_markers, label_tokens, render
+from .chat import Renderer, check_messages, encode_conversation, has_generation_markers, label_tokens, render_conversations, tokens_before
 from .config import FORMATS, ON_ERROR
-from .formats import IGNORE, DataError, encode_classification, encode_instruction, encode_text, token_blocks
+from .formats import IGNORE, NO_LABEL, DataError, encode_classification, encode_instruction, encode_text, token_blocks
 
-PIPELINE_VERSION = 1  # part of every cache key: bump when the tokenized layout or the masks change
+PIPELINE_VERSION = 2  # part of every cache key: bump when the tokenized layout or the masks change (2: turn-anchored chat masks)
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "tool": "tool"}
-TOKENIZED_COLUMNS = ("input_ids", "labels", "num_labels", "length", "error")
+TOKENIZED_COLUMNS = ("input_ids", "labels", "num_labels", "length", "prompt_length", "truncated", "error")
 
 
 # -- sources ------------------------------------------------------------------------------------
@@ -235,6 +235,10 @@ class Encoder:
         self.tokenizer, self.format, self.max_length = tokenizer, format, max_length
         self.sources, self.label_names, self.mask_history, self.num_labels = list(sources), label_names, mask_history, num_labels
         self.regression = format == "classification" and num_labels == 1
+        self.renderer = None  # built on first use, in the worker that uses it
+
+    def __getstate__(self):
+        return {**self.__dict__, "renderer": None}
 
     def features(self):
         """The column types of the output (fixed, so that every batch and worker writes the same)."""
@@ -243,7 +247,8 @@ class Encoder:
         label = "float64" if self.regression else "int64" if self.format == "classification" else "int32"
         return Features({
             "input_ids": Sequence(Value("int32")), "labels": Sequence(Value(label)), "num_labels": Value("int32"),
-            "length": Value("int32"), "error": Value("string"), "_source": Value("int64"), "_row": Value("int64"),
+            "length": Value("int32"), "prompt_length": Value("int32"), "truncated": Value("bool"), "error": Value("string"),
+            "_source": Value("int64"), "_row": Value("int64"),
         })  # fmt: skip
 
     def messages(self, row: dict, where: str) -> list[dict]:
@@ -262,22 +267,30 @@ class Encoder:
         return encode_classification(row, self.tokenizer, where, self.label_names, self.num_labels)
 
     def encode_chats(self, rows: list[dict], wheres: list[str]) -> list[dict | DataError]:
-        """Chat rows rendered one by one, tokenized in one call (offsets give the labels)."""
-        rendered: list[tuple[str, list] | DataError] = []
+        """Chat rows rendered and their turns located in batches, tokenized in one call (offsets give the labels)."""
+        conversations: list = []
         for row, where in zip(rows, wheres):
             try:
-                rendered.append(render(self.messages(row, where), self.tokenizer, where))
+                conversations.append(self.messages(row, where))
             except DataError as err:
-                rendered.append(err)
-        texts = [r[0] for r in rendered if not isinstance(r, DataError)]
+                conversations.append(err)
+        valid = [i for i, c in enumerate(conversations) if not isinstance(c, DataError)]
+        if self.renderer is None:
+            self.renderer = Renderer(self.tokenizer)
+        located = render_conversations([conversations[i] for i in valid], self.renderer, [wheres[i] for i in valid])
+        for i, result in zip(valid, located):
+            conversations[i] = result
+        good = [c for c in conversations if not isinstance(c, DataError)]
+        texts = [c.text for c in good]
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": [], "offset_mapping": []}
         results, k = [], 0
-        for r in rendered:
-            if isinstance(r, DataError):
-                results.append(r)
+        for c in conversations:
+            if isinstance(c, DataError):
+                results.append(c)
                 continue
-            ids = encoded["input_ids"][k]
-            results.append({"input_ids": ids, "labels": label_tokens(ids, encoded["offset_mapping"][k], r[1], self.mask_history)})
+            ids, offsets = encoded["input_ids"][k], encoded["offset_mapping"][k]
+            results.append({"input_ids": ids, "labels": label_tokens(ids, offsets, c.spans, self.mask_history),
+                            "prompt_length": tokens_before(offsets, c.prompt_end)})  # fmt: skip
             k += 1
         return results
 
@@ -296,16 +309,17 @@ class Encoder:
                     results.append(err)
         out = {name: [] for name in TOKENIZED_COLUMNS}
         for result, where in zip(results, wheres):
-            ids, labels, count, error = [], [], 0, None
+            ids, labels, count, error, prompt, truncated = [], [], 0, None, 0, False
             if isinstance(result, DataError):
                 error = str(result)
             else:
-                ids, labels = result["input_ids"][: self.max_length], result["labels"]
+                truncated = len(result["input_ids"]) > self.max_length
+                ids, labels, prompt = result["input_ids"][: self.max_length], result["labels"], result.get("prompt_length", 0)
                 if isinstance(labels, list):
                     labels = labels[: self.max_length]
-                    count = sum(1 for label in labels if label != IGNORE)
+                    count = len(labels) - labels.count(IGNORE)
                     if count == 0:
-                        ids, labels, error = [], [], f"{where}: no labelled token left after truncation to max_length={self.max_length}"
+                        ids, labels, error = [], [], f"{where}: no labelled token left after truncation to max_length={self.max_length}, so {NO_LABEL}"
                 else:
                     labels, count = [labels], 1
             if error is not None and self.format == "classification":
@@ -314,6 +328,8 @@ class Encoder:
             out["labels"].append(labels)
             out["num_labels"].append(count)
             out["length"].append(len(ids))
+            out["prompt_length"].append(min(prompt, len(ids)))
+            out["truncated"].append(truncated)
             out["error"].append(error)
         return out
 
@@ -343,6 +359,15 @@ def check_label_count(raw, label_names: list[str] | None, num_labels: int | None
             f"model.num_labels: the labels of {where} are numbers with a fraction: set model.num_labels: 1 to train a regression, "
             "or give class ids (integers) or class names"
         )
+
+
+def warn_single_class(raw, label_names: list[str] | None, num_labels: int | None, where: str) -> None:
+    """One line when every row of a classification set has the same label (nothing to tell apart)."""
+    if num_labels == 1:
+        return
+    classes = label_names if label_names else raw.unique("label")
+    if len(classes) == 1:
+        print(f"warning: {where}: every row has the label {classes[0]!r}; a classifier trained on one class learns nothing", flush=True)
 
 
 def tokenize(dataset, encoder: Encoder, num_proc: int | None = None):
@@ -411,9 +436,11 @@ class Examples:
     them) and the class names of a classification set."""
 
     def __init__(self, dataset, format: str, skipped: dict[str, str] | None = None, label_names: list[str] | None = None,
-                 skipped_count: int | None = None):  # fmt: skip
+                 skipped_count: int | None = None, counts: dict[str, int] | None = None):  # fmt: skip
         self.dataset, self.format, self.skipped, self.label_names = dataset, format, dict(skipped or {}), label_names
         self.skipped_count = len(self.skipped) if skipped_count is None else skipped_count
+        self.counts = dict(counts or {})  # of the whole source: truncated rows, rows with no label
+        self._prompts = "prompt_length" in dataset.column_names
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -423,7 +450,10 @@ class Examples:
             return [self[i] for i in range(*index.indices(len(self)))]
         row = self.dataset[int(index)]
         labels = row["labels"][0] if self.format == "classification" else row["labels"]
-        return {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": labels}
+        example = {"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": labels}
+        if self._prompts:
+            example["prompt_length"] = row["prompt_length"]  # the tokens a model is given to produce the last answer
+        return example
 
     @property
     def rows(self) -> list[dict]:
@@ -435,7 +465,23 @@ class Examples:
         return list(self.dataset["length"])
 
     def select(self, indices) -> Examples:
-        return Examples(self.dataset.select(indices), self.format, self.skipped, self.label_names, self.skipped_count)
+        return Examples(self.dataset.select(indices), self.format, self.skipped, self.label_names, self.skipped_count, self.counts)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """rows, tokens and labelled tokens of these rows; rows truncated, rows dropped for having no
+        label and all rows dropped, of the source they came from."""
+        import pyarrow.compute as pc
+
+        columns = [c for c in ("length", "num_labels") if c in self.dataset.column_names]
+        table = self.dataset.select_columns(columns).with_format("arrow")[:] if len(self.dataset) else None
+        tokens = int(pc.sum(table.column("length")).as_py() or 0) if table is not None else 0
+        if self.format == "classification" or table is None or "num_labels" not in table.column_names:
+            labelled = len(self) if self.format == "classification" else tokens
+        else:
+            labelled = int(pc.sum(table.column("num_labels")).as_py() or 0)
+        return {"rows": len(self), "tokens": tokens, "labelled_tokens": labelled, "truncated": self.counts.get("truncated", 0),
+                "no_label": self.counts.get("no_label", 0), "skipped": self.skipped_count}  # fmt: skip
 
 
 MAX_REPORTED = 20  # skipped rows kept with their reason (all are counted)
@@ -476,6 +522,7 @@ def prepare_split(
     label_names = label_names or label_names_of(raw, format, f"{key} {', '.join(specs)}")
     if format == "classification":
         check_label_count(raw, label_names, num_labels, f"{key} {', '.join(specs)}")
+        warn_single_class(raw, label_names, num_labels, f"{key} {', '.join(specs)}")
     encoder = Encoder(tokenizer, format, max_length, specs, label_names, mask_history, num_labels)
     tokenized = tokenize(raw, encoder, num_proc)
     errors = tokenized["error"]
@@ -483,14 +530,18 @@ def prepare_split(
     if bad and on_error == "fail":
         raise DataError(errors[bad[0]])
     skipped = {error.split(": ", 1)[0]: error.split(": ", 1)[-1] for error in (errors[i] for i in bad[:MAX_REPORTED])}
-    good = tokenized.remove_columns(["error", "_source", "_row"])
+    counts = {"truncated": sum(flag and error is None for flag, error in zip(tokenized["truncated"], errors)),
+              "no_label": sum(NO_LABEL in errors[i] for i in bad)}  # fmt: skip
+    good = tokenized.remove_columns(["error", "_source", "_row", "truncated"])
+    if format not in ("chat", "instruction"):
+        good = good.remove_columns(["prompt_length"])
     if bad:
         good = good.select([i for i, error in enumerate(errors) if error is None])
     if len(good) == 0:
         raise DataError(f"{key} {', '.join(specs)}: no usable rows ({len(bad)} skipped; first: {errors[bad[0]] if bad else 'none'})")
-    meta = {"format": format, "skipped": skipped, "skipped_count": len(bad), "label_names": label_names, "sources": specs}
+    meta = {"format": format, "skipped": skipped, "skipped_count": len(bad), "label_names": label_names, "sources": specs, "counts": counts}
     if folder is None:
-        return Examples(good, format, skipped, label_names, len(bad))
+        return Examples(good, format, skipped, label_names, len(bad), counts)
 
     def fill(tmp: Path) -> None:
         good.save_to_disk(str(tmp))
@@ -509,7 +560,7 @@ def _load_cached(folder: Path) -> Examples:
 
     meta = json.loads((folder / META_NAME).read_text())
     dataset = datasets.load_from_disk(str(folder))  # memory-mapped Arrow files
-    return Examples(dataset, meta["format"], meta["skipped"], meta["label_names"], meta["skipped_count"])
+    return Examples(dataset, meta["format"], meta["skipped"], meta["label_names"], meta["skipped_count"], meta.get("counts"))
 
 
 # -- the library entry points --------------------------------------------------------------------
@@ -568,6 +619,8 @@ def read_token_blocks(path: str | Path, seq_len: int, tokenizer=None) -> list[di
             if isinstance(record, dict) and "input_ids" in record:
                 ids.extend(int(t) for t in record["input_ids"])
             elif isinstance(record, dict) and isinstance(record.get("text"), str) and tokenizer is not None:
+                if not record["text"].strip():
+                    continue  # an empty document adds nothing to the stream
                 ids.extend(encode_text(record, tokenizer, f"{path}:{number}")["input_ids"])
             else:
                 raise DataError(f'{path}:{number}: each line needs "input_ids" (or "text", given a tokenizer)')

@@ -57,14 +57,13 @@ def lm_loss(model: nn.Module, examples: Sequence[dict], collate_fn, batch_size: 
 @torch.no_grad()
 def generate_answers(model: nn.Module, examples: Sequence[dict], tokenizer, batch_size: int, max_new_tokens: int,
                      device, synced_gpus: bool = False) -> list[str]:  # fmt: skip
-    """Greedy continuations of each example's prompt: what precedes its first labelled token.
-
-    This covers instruction data and single-turn chat data alike. Prompts are left-padded.
-    """
+    """Greedy continuations of each example's prompt, left-padded: for chat rows the conversation up
+    to its last assistant turn with the template's generation prompt, for instruction rows the
+    prompt (both recorded when the row was tokenized, from the row's fields, not from its labels)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies = []
     for start in range(0, len(examples), batch_size):
-        prompts = [list(e["input_ids"][: first_label(e)]) for e in examples[start : start + batch_size]]
+        prompts = [list(e["input_ids"][: prompt_length(e)]) for e in examples[start : start + batch_size]]
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -74,9 +73,16 @@ def generate_answers(model: nn.Module, examples: Sequence[dict], tokenizer, batc
     return replies
 
 
+def reference_answer(example: dict, tokenizer) -> str:
+    """The answer a reply is compared with: the labelled tokens after the prompt (the last turn)."""
+    start = prompt_length(example)
+    answer = [t for t, label in zip(example["input_ids"][start:], example["labels"][start:]) if label != IGNORE]
+    return tokenizer.decode(answer, skip_special_tokens=True)
+
+
 def is_correct(reply: str, example: dict, tokenizer) -> bool:
-    """The reply starts with the reference answer (the labelled tokens), case-insensitively."""
-    answer = normalize(tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE], skip_special_tokens=True))
+    """The reply starts with the reference answer, case-insensitively."""
+    answer = normalize(reference_answer(example, tokenizer))
     return answer != "" and normalize(reply).startswith(answer)
 
 
@@ -100,7 +106,10 @@ def generated_accuracy(model: nn.Module, examples: Sequence[dict], tokenizer, ba
     return {"generated_accuracy": correct / max(counted, 1.0)}
 
 
-def first_label(example: dict) -> int:
+def prompt_length(example: dict) -> int:
+    """Tokens of the prompt: recorded for chat and instruction rows; otherwise those before the first label."""
+    if "prompt_length" in example:
+        return int(example["prompt_length"])
     return next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
 
 
