@@ -56,6 +56,11 @@ def main() -> int:
     base_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(base_path)
     validation = tokenize_file(config.data.validation_file, tokenizer, config.data.format, config.data.max_length).rows
+    from sora_dist.data.preview import mark_example
+
+    print("[demo] a held-out row as trained (the loss is on the tokens in [[...]]; evaluation gives the model the text before "
+          "them, the conversation up to the assistant turn):\n" + mark_example(validation[0]["input_ids"], validation[0]["labels"], tokenizer),
+          flush=True)  # fmt: skip
 
     def answers(model) -> list[str]:
         return [r.strip().lower() for r in generate_answers(model, validation, tokenizer, 32, 2, model.device)]

@@ -27,13 +27,31 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("config", help="YAML run configuration (see examples/)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+    parser.add_argument("--preview", nargs="?", const=3, type=preview_count, metavar="N",
+                        help="print N training examples (default 3) with their trained tokens marked and the data's figures, "
+                             "then exit without loading the model")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set, default_output_dir=f"runs/{Path(args.config).stem}")
+    if args.preview is not None:
+        from .recipe import preview_data
+
+        preview_data(config, args.preview)
+        return 0
     from .recipe import run_training
 
     run_training(config, config.train.output_dir)
     return 0
+
+
+def preview_count(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of examples (0 or more), got {value!r}")
+    return count
 
 
 def merge_main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ accelerator -> tokenizer and data (cheap errors first) -> model -> SoRA -> resol
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,6 +27,7 @@ from .core.report import sparsity_report
 from .data.collate import pad_collate
 from .data.packing import PackedExamples, collate_packed
 from .data.pipeline import Examples, blocks_examples, data_path, prepare_split, split_holdout
+from .data.preview import data_figures, first_example, format_figures, marking_note, preview_examples, use_color
 from .deploy.atomic import write_text
 from .deploy.layout import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from .models import load_model, load_tokenizer
@@ -40,18 +42,19 @@ from .training.stages import run_stages
 CLASSIFIER_HEADS = ("score", "classifier")
 
 
-def load_data(cfg: RunConfig, tokenizer, accelerator) -> tuple[Examples, Examples | None]:
+def load_data(cfg: RunConfig, tokenizer, accelerator=None) -> tuple[Examples, Examples | None]:
     """Tokenized train and validation sets (from their sources or a seeded held-out fraction).
 
     The main process prepares (or finds in the cache) each set first; the other ranks then load
-    what it wrote instead of tokenizing again.
+    what it wrote instead of tokenizing again. Without ``accelerator`` (one process, no run: the
+    data preview) the sets are prepared the same way, with the same cache.
     """
     data = cfg.data
     common = {"tokenizer": tokenizer, "format": data.format, "max_length": data.max_length, "on_error": data.on_error,
               "columns": data.columns, "mask_history": data.mask_history, "seed": cfg.train.seed,
               "num_proc": data.num_proc or min(8, os.cpu_count() or 1), "cache": data.cache,
               "num_labels": cfg.model.num_labels if cfg.model.task == "sequence_classification" else None}  # fmt: skip
-    with accelerator.main_process_first():
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         if data.format == "blocks":
             train_set = blocks_examples(data_path(data.sources[0], "data.train_file"), tokenizer, data.max_length)
         else:
@@ -66,6 +69,32 @@ def load_data(cfg: RunConfig, tokenizer, accelerator) -> tuple[Examples, Example
     if val_set is not None and data.eval_max_examples:
         val_set = val_set.select(range(min(data.eval_max_examples, len(val_set))))
     return train_set, val_set
+
+
+def report_skipped(train_set: Examples, val_set: Examples | None) -> None:
+    """One line per set that lost rows: how many, and the first with its reason."""
+    for name, examples in (("training", train_set), ("validation", val_set)):
+        if examples is not None and examples.skipped_count:
+            first = next(iter(examples.skipped.items()))
+            print(f"skipped {examples.skipped_count} {name} rows that cannot be used (first: {first[0]}: {first[1]})", flush=True)
+
+
+def preview_data(cfg: RunConfig, count: int, color: bool | None = None) -> None:
+    """``sora-train CONFIG --preview``: the tokenizer and the data exactly as the run would load
+    them (same cache), ``count`` training examples with their trained tokens marked, and the
+    figures of each set. The model is not loaded."""
+    color = use_color() if color is None else color
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    train_set, val_set = load_data(cfg, tokenizer)
+    report_skipped(train_set, val_set)
+    if count > 0:
+        what = "text -> label" if train_set.format == "classification" else marking_note(color)
+        shown = min(count, len(train_set))
+        print(f"first {shown} training example{'' if shown == 1 else 's'} of {cfg.data.format!r} data ({what}):\n", flush=True)
+        print(preview_examples(train_set, tokenizer, count, color) + "\n", flush=True)
+    print(format_figures(data_figures(train_set), "training"), flush=True)
+    if val_set is not None:
+        print(format_figures(data_figures(val_set), "validation"), flush=True)
 
 
 def training_rows(cfg: RunConfig, train_set: Examples, pad_id: int, main: bool):
@@ -174,10 +203,9 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
     try:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         train_set, val_set = load_data(cfg, tokenizer, accelerator)
-        for name, examples in (("training", train_set), ("validation", val_set)):
-            if main and examples is not None and examples.skipped_count:
-                first = next(iter(examples.skipped.items()))
-                print(f"skipped {examples.skipped_count} {name} rows that cannot be used (first: {first[0]}: {first[1]})", flush=True)
+        if main:
+            report_skipped(train_set, val_set)
+            print(first_example(train_set, tokenizer, use_color()), flush=True)
         rows, collate_rows, lengths = training_rows(cfg, train_set, tokenizer.pad_token_id, main)
         check_batch_size(cfg, len(rows), accelerator.num_processes, main)
         cfg = steps_from_epochs(cfg, len(rows), accelerator.num_processes, main)

@@ -1,8 +1,11 @@
 """Chat masking follows the template (sora_dist.data.chat): the labels are exactly the assistant turns
 as they appear in the rendering of the whole conversation, also for a Qwen3-style template (earlier
 turns lose their reasoning once a later user turn follows) and for a ``{% generation %}`` template;
-``mask_history`` keeps only the last turn; ShareGPT rows train like OpenAI messages. Each expectation
-is built independently, segment by segment, from the text the template is known to produce."""
+``mask_history`` keeps only the last turn; ShareGPT rows train like OpenAI messages; an assistant's tool
+calls are trained and tool results are not; empty answers are not trained; a turn that cannot be
+located stops the row naming the message. Each expectation is built independently, segment by
+segment, from the text the template is known to produce. tests/test_data_chat_templates.py checks
+many templates on randomized conversations against two other references."""
 
 from __future__ import annotations
 
@@ -154,3 +157,97 @@ def test_smollm2_template_labels_equal_the_prefix_difference(tmp_path):
     example = encode(tmp_path, tokenizer, [{"messages": messages}])[0]
     assert example["input_ids"] == ids
     assert example["labels"] == labels
+
+
+# ChatML with tool calls: an assistant turn writes its calls after its content; tool results are
+# their own turns.
+TOOL_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{%- if m.tool_calls %}{% for call in m.tool_calls %} call {{ call.function.name }} {{ call.function.arguments }}{% endfor %}{% endif -%}"
+    "<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
+)
+
+
+def test_tool_calls_are_trained_and_tool_results_are_not(tmp_path):
+    tokenizer = tokenizer_with(TOOL_TEMPLATE)
+    tokenizer.add_tokens(["call", "add", "three", "two"])
+    messages = [
+        {"role": "user", "content": "what is two plus one"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "two"}}]},
+        {"role": "tool", "content": "three"},
+        {"role": "assistant", "content": "three"},
+    ]
+    want_ids, want_labels = expected(tokenizer, [
+        ("<|im_start|>user\nwhat is two plus one<|im_end|>\n<|im_start|>assistant\n", False),
+        (" call add two<|im_end|>\n", True),
+        ("<|im_start|>tool\nthree<|im_end|>\n<|im_start|>assistant\n", False),
+        ("three<|im_end|>\n", True),
+    ])  # fmt: skip
+    example = encode(tmp_path, tokenizer, [{"messages": messages}])[0]
+    assert example["input_ids"] == want_ids and example["labels"] == want_labels
+
+
+def test_empty_answers_are_not_trained_and_a_row_of_them_has_no_label(tmp_path):
+    tokenizer = tokenizer_with(QWEN3_STYLE)
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""},
+                {"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"}]  # fmt: skip
+    example = encode(tmp_path, tokenizer, [{"messages": messages}])[0]
+    labelled = tokenizer.convert_ids_to_tokens([t for t in example["labels"] if t != IGNORE])
+    assert labelled == ["fine", "thanks", "<|im_end|>"]
+    empty = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": " \n"}]
+    with pytest.raises(DataError, match=r"row 1: every assistant message is empty, so nothing to learn"):
+        encode(tmp_path, tokenizer, [{"messages": empty}])
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (messages, empty)))
+    kept = tokenize_file(path, tokenizer, "chat", 256, on_error="skip")
+    assert len(kept) == 1 and kept.stats["no_label"] == 1
+
+
+def test_the_prompt_is_the_conversation_up_to_the_last_turn_with_the_generation_prompt(tmp_path):
+    """What generated-answer evaluation gives the model: apply_chat_template(messages[:-1],
+    add_generation_prompt=True), whatever the labels say."""
+    tokenizer = tokenizer_with(QWEN3_STYLE)
+    for history in (False, True):
+        example = encode(tmp_path, tokenizer, [{"messages": CONVERSATION}], mask_history=history)[0]
+        prompt = tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+        assert example["input_ids"][: example["prompt_length"]] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+# A template that never writes the assistant's words (a broken or unsupported one): nothing to anchor to.
+DROPS_ANSWERS = (
+    "{%- for m in messages -%}<|im_start|>{{ m.role }}\n{% if m.role != 'assistant' %}{{ m.content }}{% endif %}<|im_end|>\n{%- endfor -%}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
+)
+# A template that moves the system prompt into the last user turn, so earlier prefixes render differently.
+SYSTEM_IN_LAST_USER = (
+    "{%- set sys = messages[0].content if messages[0].role == 'system' else '' -%}"
+    "{%- set rest = messages[1:] if messages[0].role == 'system' else messages -%}"
+    "{%- set ns = namespace(last=-1) -%}{%- for m in rest %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor -%}"
+    "{%- for m in rest -%}"
+    "{%- if m.role == 'user' -%}[INST] {% if loop.index0 == ns.last and sys %}{{ sys }} {% endif %}{{ m.content }} [/INST]"
+    "{%- else %} {{ m.content }}</s>{% endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def test_a_turn_that_cannot_be_located_stops_the_row_naming_the_message(tmp_path):
+    tokenizer = tokenizer_with(DROPS_ANSWERS)
+    with pytest.raises(DataError, match=r"chat\.jsonl:row 1: messages\[1\] \(assistant\)"):
+        encode(tmp_path, tokenizer, [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"}]}])
+
+
+def test_a_template_that_rewrites_earlier_prefixes_labels_each_turn_where_it_is(tmp_path):
+    """The earlier answer repeats the system prompt's word and the later user quotes it."""
+    tokenizer = tokenizer_with(SYSTEM_IN_LAST_USER)
+    tokenizer.add_tokens(["[INST]", "[/INST]"])
+    messages = [{"role": "system", "content": "say hello"}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "hello bye"},
+                {"role": "assistant", "content": "bye"}]  # fmt: skip
+    want_ids, want_labels = expected(tokenizer, [
+        ("[INST] hello [/INST]", False), (" hello</s>", True), ("[INST] say hello hello bye [/INST]", False), (" bye</s>", True),
+    ])  # fmt: skip
+    example = encode(tmp_path, tokenizer, [{"messages": messages}])[0]
+    assert example["input_ids"] == want_ids and example["labels"] == want_labels

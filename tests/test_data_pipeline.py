@@ -113,3 +113,63 @@ def test_a_bad_row_in_the_second_source_names_that_source(tokenizer, tmp_path):
         prepare_split([a, b], "data.train_file", tokenizer, "text", 64, cache=False)
     skipped = prepare_split([a, b], "data.train_file", tokenizer, "text", 64, on_error="skip", cache=False)
     assert len(skipped) == 4 and list(skipped.skipped) == [f"{b}:row 2"]
+
+
+def test_a_cache_entry_of_an_older_pipeline_version_is_not_loaded(tokenizer, tmp_path, monkeypatch):
+    """An entry written under the previous version (whose masks differ) sits in the cache under the
+    same inputs; the current version tokenizes afresh and gets the right labels."""
+    path = str(write_jsonl(tmp_path / "i.jsonl", [{"instruction": "it was a great movie", "output": "pos"}]))
+    right = prepare_split([path], "data.train_file", tokenizer, "instruction", 64, cache=False).rows
+    real_call = pipeline_module.Encoder.__call__
+
+    def old_masks(self, batch):  # what a stale entry holds: every token labelled
+        out = real_call(self, batch)
+        out["labels"] = [list(ids) for ids in out["input_ids"]]
+        return out
+
+    monkeypatch.setattr(pipeline_module, "PIPELINE_VERSION", pipeline_module.PIPELINE_VERSION - 1)
+    monkeypatch.setattr(pipeline_module.Encoder, "__call__", old_masks)
+    stale = prepare_split([path], "data.train_file", tokenizer, "instruction", 64)
+    assert stale.rows != right
+    monkeypatch.undo()
+    monkeypatch.setenv("SORA_DIST_DATA_CACHE", str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    current = prepare_split([path], "data.train_file", tokenizer, "instruction", 64)
+    assert current.rows == right
+    assert len(list((tmp_path / "cache").iterdir())) == 2, "the current version writes its own entry"
+
+
+@pytest.mark.parametrize("fmt, rows", [
+    ("instruction", [{"instruction": "good film", "output": "pos"}, {"instruction": "bad film", "output": ""}, {"instruction": "bad", "output": "  "}]),
+    ("text", [{"text": "good film"}, {"text": ""}, {"text": "\n"}]),
+])  # fmt: skip
+def test_rows_with_an_empty_answer_or_text_have_no_label(tokenizer, tmp_path, fmt, rows):
+    """They used to train on the end-of-sequence token alone: now they are skipped and counted, or
+    stop the run under on_error: fail."""
+    path = str(write_jsonl(tmp_path / "e.jsonl", rows))
+    kept = prepare_split([path], "data.train_file", tokenizer, fmt, 64, on_error="skip", cache=False)
+    assert len(kept) == 1 and kept.stats["no_label"] == 2 and kept.stats["skipped"] == 2
+    assert sorted(kept.skipped) == [f"{path}:row 2", f"{path}:row 3"]
+    with pytest.raises(DataError, match=r"e\.jsonl:row 2: empty '(output|text)', nothing to learn"):
+        prepare_split([path], "data.train_file", tokenizer, fmt, 64, cache=False)
+
+
+def test_stats_count_tokens_labels_and_truncated_rows(tokenizer, tmp_path):
+    rows = [{"instruction": "it was a great movie the plot", "output": "good acting"}, {"instruction": "bad", "output": "neg"}]
+    path = str(write_jsonl(tmp_path / "i.jsonl", rows))
+    examples = prepare_split([path], "data.train_file", tokenizer, "instruction", 8)
+    stats = examples.stats
+    want_tokens = sum(len(r["input_ids"]) for r in examples.rows)
+    want_labelled = sum(sum(label != -100 for label in r["labels"]) for r in examples.rows)
+    assert stats == {"rows": 2, "tokens": want_tokens, "labelled_tokens": want_labelled, "truncated": 1, "no_label": 0, "skipped": 0}
+    assert want_tokens == 8 + 3  # the first row cut at 8 tokens; the second is "bad", "neg", </s>
+
+
+def test_a_classification_set_with_one_class_gets_a_warning(tokenizer, tmp_path, capsys):
+    path = str(write_jsonl(tmp_path / "c.jsonl", [{"text": "good film", "label": "pos"}, {"text": "fine film", "label": "pos"}]))
+    prepare_split([path], "data.train_file", tokenizer, "classification", 64, cache=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "every row has the label 'pos'" in lines[0]
+    two = str(write_jsonl(tmp_path / "d.jsonl", [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]))
+    prepare_split([two], "data.train_file", tokenizer, "classification", 64, cache=False)
+    assert "warning:" not in capsys.readouterr().out

@@ -187,12 +187,20 @@ def _turn_span(messages: list[dict], k: int, text: str, head, tail, renderer: Re
     """The character span of assistant message ``k`` in ``text`` (see the module docstring)."""
     start = len(head) if isinstance(head, str) and text.startswith(head) else None
     end = len(tail) if isinstance(tail, str) and text.startswith(tail) else None
-    if start is not None and end is not None and start < end:
-        return start, end
-    start, end = _sentinel_span(messages, k, text, start, end, renderer, where)
+    if start is None or end is None or not start < end:
+        start, end = _sentinel_span(messages, k, text, start, end, renderer, where)
     if not start < end:
         raise DataError(f"{where}: messages[{k}] (assistant) cannot be located in the chat template's rendering; cannot label it")
+    if not _writes_content(messages[k]["content"], text[start:end]):
+        raise DataError(f"{where}: messages[{k}] (assistant): the chat template does not write its content in its turn; cannot label it")
     return start, end
+
+
+def _writes_content(content: str, turn: str) -> bool:
+    """A check, after the span is located: the turn holds the message's answer (templates may trim
+    it, and drop a reasoning block before it)."""
+    answer = content.split("</think>")[-1].strip()
+    return not answer or answer in turn or content.strip() in turn
 
 
 def _sentinel_span(messages, k, text, start, end, renderer: Renderer, where: str) -> tuple[int, int]:

@@ -638,5 +638,5 @@ def split_holdout(examples: Examples, fraction: float, seed: int) -> tuple[Examp
     if n_val >= len(examples):
         raise DataError(f"data.validation_fraction: {fraction} of {len(examples)} usable rows leaves no training row")
     held_out = examples.select(order[:n_val])
-    held_out.skipped, held_out.skipped_count = {}, 0  # the file's skipped rows are counted once, with the training part
+    held_out.skipped, held_out.skipped_count, held_out.counts = {}, 0, {}  # the file's dropped rows are counted once, with the training part
     return examples.select(order[n_val:]), held_out
