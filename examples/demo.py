@@ -27,19 +27,24 @@ QUESTION = "Is this movie review positive or negative? Answer with one word."
 N_TRAIN, N_VALIDATION, SEED = 800, 200, 0
 
 
-def write_data() -> None:
+def demo_rows() -> dict[str, list[dict]]:
+    """The demo's chat rows (seeded): a review and the question, answered "positive" or "negative"."""
     from sora_dist.data.assets import rotten_tomatoes_path
 
     rows = [json.loads(line) for line in rotten_tomatoes_path().read_text().splitlines()]
     rows = [r for r in rows if 20 <= len(r["text"]) <= 250]
     random.Random(SEED).shuffle(rows)
+    parts = {"train": rows[:N_TRAIN], "validation": rows[N_TRAIN : N_TRAIN + N_VALIDATION]}
+    return {name: [{"messages": [{"role": "user", "content": f"Review: {r['text']}\n{QUESTION}"}, {"role": "assistant", "content": r["label"]}]}
+                   for r in part] for name, part in parts.items()}  # fmt: skip
+
+
+def write_data() -> None:
     data = RUN / "data"
     data.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", rows[:N_TRAIN]), ("validation", rows[N_TRAIN : N_TRAIN + N_VALIDATION])):
+    for name, rows in demo_rows().items():
         with open(data / f"{name}.jsonl", "w") as out:
-            for r in part:
-                messages = [{"role": "user", "content": f"Review: {r['text']}\n{QUESTION}"}, {"role": "assistant", "content": r["label"]}]
-                out.write(json.dumps({"messages": messages}) + "\n")
+            out.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def main() -> int:

@@ -251,3 +251,20 @@ def test_a_template_that_rewrites_earlier_prefixes_labels_each_turn_where_it_is(
     ])  # fmt: skip
     example = encode(tmp_path, tokenizer, [{"messages": messages}])[0]
     assert example["input_ids"] == want_ids and example["labels"] == want_labels
+
+
+def test_tool_call_arguments_read_from_a_file_keep_only_their_own_keys(tmp_path):
+    """A columnar reader can give every row's arguments the keys of all rows (null where absent); the template sees
+    each call's own arguments."""
+    template = TOOL_TEMPLATE.replace("{{ call.function.arguments }}", "{{ call.function.arguments | tojson }}")
+    tokenizer = tokenizer_with(template)
+
+    def chat(arguments):
+        return {"messages": [{"role": "user", "content": "hello"},
+                             {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": arguments}}]}]}  # fmt: skip
+
+    rows = [chat({"a": "two"}), chat({"b": "three"})]
+    examples = encode(tmp_path, tokenizer, rows)
+    for row, example in zip(rows, examples):
+        want = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        assert example["input_ids"] == tokenizer(want, add_special_tokens=False)["input_ids"]

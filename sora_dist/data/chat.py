@@ -53,7 +53,7 @@ def check_messages(messages, where: str) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
-        message = {key: value for key, value in message.items() if value is not None}
+        message = _without_nulls(message)
         if "role" not in message or ("content" not in message and not message.get("tool_calls")):
             raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
         if message["role"] not in ROLES:
@@ -65,6 +65,16 @@ def check_messages(messages, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{where}: no assistant message, so {NO_LABEL}")
     return clean
+
+
+def _without_nulls(value):
+    """Dicts without null entries, all the way down: a columnar reader (Arrow) can give every row the
+    keys of all rows (a tool call's arguments too), with nulls where a row had none."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def trained_turns(messages: list[dict]) -> list[int]:
@@ -199,8 +209,11 @@ def _turn_span(messages: list[dict], k: int, text: str, head, tail, renderer: Re
 def _writes_content(content: str, turn: str) -> bool:
     """A check, after the span is located: the turn holds the message's answer (templates may trim
     it, and drop a reasoning block before it)."""
-    answer = content.split("</think>")[-1].strip()
-    return not answer or answer in turn or content.strip() in turn
+    answer = content.strip()
+    if answer in turn:
+        return True
+    answer = content.rpartition("</think>")[2].strip()
+    return not answer or answer in turn
 
 
 def _sentinel_span(messages, k, text, start, end, renderer: Renderer, where: str) -> tuple[int, int]:
@@ -273,9 +286,8 @@ def render(messages: list[dict], tokenizer, where: str) -> tuple[str, list[tuple
 def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], mask_history: bool) -> list[int]:
     """Labels: the tokens whose characters overlap a span keep their id, the rest IGNORE."""
     labels = [IGNORE] * len(ids)
-    ends = [b for _, b in offsets]
     for start, end in spans[-1:] if mask_history else spans:
-        t = bisect_right(ends, start)  # the first token ending after the span starts
+        t = bisect_right(offsets, start, key=_end)  # the first token ending after the span starts
         while t < len(ids) and offsets[t][0] < end:
             if offsets[t][1] > offsets[t][0]:
                 labels[t] = ids[t]
@@ -285,7 +297,11 @@ def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tup
 
 def tokens_before(offsets: list[tuple[int, int]], position: int) -> int:
     """How many tokens end at or before character ``position``."""
-    return bisect_right([b for _, b in offsets], position)
+    return bisect_right(offsets, position, key=_end)
+
+
+def _end(offset: tuple[int, int]) -> int:
+    return offset[1]
 
 
 def encode_conversation(messages: list[dict], tokenizer, where: str, mask_history: bool = False) -> dict:
