@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from sora_dist.data.chat import encode_conversation, render
+from sora_dist.data.chat import Renderer, encode_conversation, render, render_conversations
 from sora_dist.data.formats import IGNORE, DataError
 
 # name: (template, or None for the tokenizer's own; its {% generation %} copy; prefix-stable; reasoning in the data)
@@ -205,6 +205,25 @@ def test_labels_match_prefix_renders_and_generation_mask(name, tokenizers, data)
     last = encode_conversation(messages, plain, WHERE, mask_history=True)
     assert last["input_ids"] == ids
     assert last["labels"] == overlapping(plain, text, spans[-1:])
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_rows_rendered_together_are_located_as_alone(name, tokenizers, data):
+    """The pipeline renders many rows (and their prefixes) in one call: rows with and without a
+    system prompt, or with and without reasoning, must not leak into each other."""
+    plain, _ = tokenizers[name]
+    rows = data.draw(st.lists(conversations(TEMPLATES[name][3]), min_size=2, max_size=4), label="rows")
+    results = render_conversations(rows, Renderer(plain), [f"row {i}" for i in range(len(rows))])
+    assert len(results) == len(rows)
+    for i, (messages, result) in enumerate(zip(rows, results)):
+        if not trained(messages):
+            assert isinstance(result, DataError)
+            continue
+        text, spans = render(messages, plain, f"row {i}")
+        assert text == plain.apply_chat_template(messages, tokenize=False)
+        assert (result.text, result.spans) == (text, spans), f"row {i}"
 
 
 # ---------------------------------------------------------------------------------------------------

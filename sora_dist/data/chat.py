@@ -32,7 +32,7 @@ context).
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from os.path import commonprefix
 
 from .formats import IGNORE, NO_LABEL, DataError
@@ -89,7 +89,14 @@ def has_generation_markers(tokenizer) -> bool:
 
 class Renderer:
     """The tokenizer's chat template applied to many conversations at once, as ``apply_chat_template``
-    renders them (same function, same special-token variables, one call per batch)."""
+    renders them (same compiled template, same environment, same special-token variables)."""
+
+    # Rendering is most of a chat row's preparation, and jinja's per-call setup most of a render; one
+    # call of a loop that includes the template renders a whole batch in about half the time. Used for
+    # rows of plain JSON messages without reasoning fields (what apply_chat_template renders as is);
+    # anything else goes through transformers' own function.
+    SEPARATOR = "\ue0ff\ue0fe\ue0fd"
+    ALIASED = ("reasoning_content", "thinking", "reasoning")  # fields transformers copies under each other's names
 
     def __init__(self, tokenizer):
         template = getattr(tokenizer, "chat_template", None)
@@ -98,15 +105,24 @@ class Renderer:
         self.tokenizer = tokenizer
         self.template = tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") else template
         self.variables = dict(tokenizer.special_tokens_map)
+        self._batched = self._loop = self._chat = None
         try:
-            from transformers.utils.chat_template_utils import render_jinja_template
-        except ImportError:  # an older transformers: one apply_chat_template call per conversation
-            render_jinja_template = None
-        self._batched = render_jinja_template
+            from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
+
+            self._batched = render_jinja_template
+            self._chat = _compile_jinja_template(self.template)
+            self._loop = self._chat.environment.from_string("{% for messages in conversations %}{% include chat %}" + self.SEPARATOR + "{% endfor %}")
+        except Exception:  # another transformers: its public function, one conversation at a time
+            pass
 
     def __call__(self, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
         if not conversations:
             return []
+        if self._loop is not None and not any(field in m for c in conversations for m in c for field in self.ALIASED):
+            texts = self._loop.render(conversations=conversations, chat=self._chat, add_generation_prompt=generation_prompt,
+                                      **self.variables).split(self.SEPARATOR)  # fmt: skip
+            if len(texts) == len(conversations) + 1:
+                return texts[:-1]
         if self._batched is not None:
             texts, _ = self._batched(conversations=conversations, chat_template=self.template,
                                      add_generation_prompt=generation_prompt, **self.variables)  # fmt: skip
@@ -287,17 +303,19 @@ def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tup
     """Labels: the tokens whose characters overlap a span keep their id, the rest IGNORE."""
     labels = [IGNORE] * len(ids)
     for start, end in spans[-1:] if mask_history else spans:
-        t = bisect_right(offsets, start, key=_end)  # the first token ending after the span starts
-        while t < len(ids) and offsets[t][0] < end:
-            if offsets[t][1] > offsets[t][0]:
-                labels[t] = ids[t]
-            t += 1
+        first = bisect_right(offsets, start, key=_end)  # the first token ending after the span starts
+        stop = bisect_left(offsets, end, key=_start)  # the first token starting at or after its end
+        labels[first:stop] = ids[first:stop]
     return labels
 
 
 def tokens_before(offsets: list[tuple[int, int]], position: int) -> int:
     """How many tokens end at or before character ``position``."""
     return bisect_right(offsets, position, key=_end)
+
+
+def _start(offset: tuple[int, int]) -> int:
+    return offset[0]
 
 
 def _end(offset: tuple[int, int]) -> int:

@@ -525,12 +525,12 @@ def prepare_split(
         warn_single_class(raw, label_names, num_labels, f"{key} {', '.join(specs)}")
     encoder = Encoder(tokenizer, format, max_length, specs, label_names, mask_history, num_labels)
     tokenized = tokenize(raw, encoder, num_proc)
-    errors = tokenized["error"]
+    errors = tokenized.data.column("error").to_pylist()  # one Arrow conversion (iterating the column is slow)
     bad = [i for i, error in enumerate(errors) if error is not None]
     if bad and on_error == "fail":
         raise DataError(errors[bad[0]])
     skipped = {error.split(": ", 1)[0]: error.split(": ", 1)[-1] for error in (errors[i] for i in bad[:MAX_REPORTED])}
-    counts = {"truncated": sum(flag and error is None for flag, error in zip(tokenized["truncated"], errors)),
+    counts = {"truncated": sum(flag and error is None for flag, error in zip(tokenized.data.column("truncated").to_pylist(), errors)),
               "no_label": sum(NO_LABEL in errors[i] for i in bad)}  # fmt: skip
     good = tokenized.remove_columns(["error", "_source", "_row", "truncated"])
     if format not in ("chat", "instruction"):
