@@ -268,3 +268,12 @@ def test_tool_call_arguments_read_from_a_file_keep_only_their_own_keys(tmp_path)
     for row, example in zip(rows, examples):
         want = tokenizer.apply_chat_template(row["messages"], tokenize=False)
         assert example["input_ids"] == tokenizer(want, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_without_a_chat_template_names_the_row_and_says_what_to_use(tmp_path):
+    tokenizer = word_tokenizer(MARKERS + WORDS)
+    rows = [{"messages": [{"role": "robot", "content": "hi"}]}, {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"}]}]
+    with pytest.raises(DataError, match=r"row 1: messages\[0\]\.role is 'robot'"):
+        encode(tmp_path, tokenizer, rows)
+    with pytest.raises(DataError, match=r"chat\.jsonl:row 1: the tokenizer has no chat template; use format 'instruction' or 'text'"):
+        encode(tmp_path, tokenizer, rows[1:])

@@ -32,6 +32,7 @@ context).
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left, bisect_right
 from os.path import commonprefix
 
@@ -111,7 +112,7 @@ class Renderer:
 
             self._batched = render_jinja_template
             self._chat = _compile_jinja_template(self.template)
-            self._loop = self._chat.environment.from_string("{% for messages in conversations %}{% include chat %}" + self.SEPARATOR + "{% endfor %}")
+            self._loop = _loop_template(self._chat.environment, self.SEPARATOR)
         except Exception:  # another transformers: its public function, one conversation at a time
             pass
 
@@ -137,6 +138,12 @@ class Renderer:
             raise
         except Exception as err:  # jinja raises its own errors and the template's raise_exception
             raise DataError(f"{where}: the chat template cannot render messages[:{index}]: {err}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _loop_template(environment, separator: str):
+    """The batch loop, compiled once per jinja environment."""
+    return environment.from_string("{% for messages in conversations %}{% include chat %}" + separator + "{% endfor %}")
 
 
 class Conversation:

@@ -275,8 +275,11 @@ class Encoder:
             except DataError as err:
                 conversations.append(err)
         valid = [i for i, c in enumerate(conversations) if not isinstance(c, DataError)]
-        if self.renderer is None:
-            self.renderer = Renderer(self.tokenizer)
+        if self.renderer is None and valid:
+            try:
+                self.renderer = Renderer(self.tokenizer)
+            except DataError as err:  # no chat template: every well-formed row says so
+                return [c if isinstance(c, DataError) else DataError(f"{where}: {err}") for c, where in zip(conversations, wheres)]
         located = render_conversations([conversations[i] for i in valid], self.renderer, [wheres[i] for i in valid])
         for i, result in zip(valid, located):
             conversations[i] = result
