@@ -1,4 +1,5 @@
-"""Command line: ``sora-train``, ``sora-merge``, ``sora-export`` (also ``python -m sora_dist.cli <cmd>``).
+"""Command line: ``sora <command>`` (train, merge, export, chat, generate, eval), ``sora-train``,
+``sora-merge``, ``sora-export`` (also ``python -m sora_dist.cli <command>``).
 
 Each subcommand is one plain function; user mistakes print one clear line, not a traceback.
 """
@@ -6,6 +7,7 @@ Each subcommand is one plain function; user mistakes print one clear line, not a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -126,7 +128,184 @@ def require_folders(inputs: dict[str, str]) -> None:
             raise FileNotFoundError(f"{flag} {value}: {'is a file, not' if Path(value).exists() else 'no such'} folder")
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"train": train_main, "merge": merge_main, "export": export_main}
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL or --base/--adapter, and how to load it (sora chat, generate, eval)."""
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="run folder written by sora-train (its config.yaml names the base model, dtype and quantization; "
+                             "the adapter is its adapter/ or newest checkpoint) or a merged model folder")  # fmt: skip
+    parser.add_argument("--base", help="base model folder or hub id (instead of MODEL, with --adapter)")
+    parser.add_argument("--adapter", help="adapter folder, training checkpoint or run folder to apply to --base")
+    parser.add_argument("--merge", action="store_true", help="fold the adapter into the base weights first (default: unmerged, pruned to its live ranks)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the base weights (default: the run's, or as stored)")
+
+
+def sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help=f"tokens to generate at most (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this probability (with --temperature)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of sampling (default 0)")
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    if args.temperature < 0:
+        raise ValueError(f"--temperature: must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    import torch
+
+    torch.manual_seed(args.seed)
+
+
+def load_from(args: argparse.Namespace, verbose: bool = True):
+    from .inference import load_for_inference
+
+    loaded = load_for_inference(args.model, args.base, args.adapter, args.merge, args.dtype, verbose=verbose)
+    if loaded.task != "causal_lm" and args.command != "eval":
+        raise ValueError(f"{loaded.description} is a {loaded.task} model: it cannot generate text (sora eval scores it)")
+    return loaded
+
+
+def chat_main(argv: Sequence[str] | None = None, stdin=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sora chat",
+        description="Talk to a trained model with its chat template, replies streamed as they are generated. "
+                    "Typed in a terminal: /reset starts over, /exit leaves. Piped: one message per line in, one reply "
+                    "per line out (newlines in a reply become spaces), the conversation kept across lines.",
+    )  # fmt: skip
+    model_arguments(parser)
+    parser.add_argument("--system", help="system message that opens the conversation")
+    sampling_arguments(parser, 512)
+    args = parser.parse_args(argv)
+    args.command = "chat"
+    check_sampling(args)
+    from .inference import chat_session
+
+    stdin = sys.stdin if stdin is None else stdin
+    loaded = load_from(args)
+    chat_session(loaded, stdin, sys.stdout, args.system, args.temperature, args.top_p, args.max_new_tokens)
+    return 0
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sora generate",
+        description="Complete every row of a data file (chat: the conversation up to its last assistant message; "
+                    "instruction: the prompt as training builds it; text: the text) and write each row with a "
+                    "'completion' field as JSON lines, in input order. Under torchrun / accelerate launch the rows are "
+                    "split across the processes and rank 0 writes the same file one process would.",
+    )  # fmt: skip
+    model_arguments(parser)
+    parser.add_argument("--data", required=True, help="data file in a training format (.jsonl, .json, .csv, .parquet, folder, asset:NAME)")
+    parser.add_argument("--out", required=True, help="output .jsonl file (replaced if it exists)")
+    parser.add_argument("--format", choices=["chat", "instruction", "text"], help="data format (default: from the first row's fields)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="rows generated together, left-padded (default 8)")
+    sampling_arguments(parser, 256)
+    args = parser.parse_args(argv)
+    args.command = "generate"
+    check_sampling(args)
+    if Path(args.out).resolve() == Path(args.data).resolve():
+        raise ValueError(f"--out {args.out} is the --data file: write the output to another file")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a folder, not a file")
+    from .data.pipeline import data_path
+    from .inference import generate_file, world
+
+    data_path(args.data, "--data")
+    if not args.data.startswith("asset:") and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+    rank, _ = world()
+    loaded = load_from(args, verbose=rank == 0)
+    written = generate_file(loaded, args.data, args.out, args.format, args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
+    if rank == 0:
+        print(f"wrote {written} rows with their completions to {args.out}", file=sys.stderr, flush=True)
+    finish_processes()
+    return 0
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sora eval",
+        description="Score a trained model on a data file as the training loop's evaluation does: the data tokenized as "
+                    "for training, held-out loss and perplexity, and for chat and instruction data how often a greedy "
+                    "reply starts with the reference answer (a classifier: its classification metrics).",
+    )  # fmt: skip
+    model_arguments(parser)
+    parser.add_argument("--data", required=True, help="data file in a training format (any source data.train_file accepts)")
+    parser.add_argument("--format", choices=["chat", "instruction", "text", "blocks", "classification"],
+                        help="data format (default: the run's when the data has its fields, else from the fields)")  # fmt: skip
+    parser.add_argument("--max-length", type=positive_int, help="truncate examples to this many tokens (default: the run's data.max_length, else 512)")
+    parser.add_argument("--batch-size", type=positive_int, help="evaluation batch size (default: the run's data.eval_batch_size, else 16)")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="tokens generated per answer for the accuracy; 0 skips it (default: the run's data.eval_generate_tokens, else 32)")  # fmt: skip
+    parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    args.command = "eval"
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
+    if not args.data.startswith("asset:") and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data}: no such file or folder")
+    from .backends import accelerate as engine
+    from .inference import evaluate_file, metrics_table, resolve_sources
+
+    _, _, run_config = resolve_sources(args.model, args.base, args.adapter)
+    mixed = ((run_config or {}).get("distributed") or {}).get("mixed_precision")
+    accelerator = engine.build_accelerator(None, mixed)
+    finished = False
+    try:
+        loaded = load_from(args, verbose=accelerator.is_main_process)
+        quantized = getattr(loaded.model.config, "quantization_config", None) is not None
+        loaded.model = accelerator.prepare_model(loaded.model, device_placement=not quantized, evaluation_mode=True)
+        loaded.device = accelerator.device
+        result = evaluate_file(loaded, args.data, args.format, args.max_length, args.batch_size, args.max_new_tokens, accelerator)
+        result["model"] = loaded.description
+        if accelerator.is_main_process:
+            print(metrics_table(result), flush=True)
+            if args.json:
+                from .deploy.atomic import write_text
+
+                write_text(args.json, json.dumps(result, indent=2) + "\n")
+        finished = True
+    finally:
+        engine.end_of_run(finished)
+    return 0
+
+
+def finish_processes() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "train": train_main, "merge": merge_main, "export": export_main, "chat": chat_main, "generate": generate_main, "eval": eval_main,
+}  # fmt: skip
+SUMMARIES = {
+    "train": "fine-tune a model with SoRA as a YAML run config says (as sora-train)",
+    "merge": "prune, fold and merge an adapter into the base weights (as sora-merge)",
+    "export": "export an adapter to another format, e.g. PEFT LoRA (as sora-export)",
+    "chat": "talk to a trained model: multi-turn, streamed, with its chat template",
+    "generate": "complete every row of a data file into JSON lines (batched; split across processes under a launcher)",
+    "eval": "loss, perplexity and answer accuracy on a data file, computed as training's evaluation",
+}
+
+
+def sora_help() -> str:
+    width = max(map(len, SUMMARIES))
+    lines = ["usage: sora <command> [options]   (sora <command> --help: the command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, summary in SUMMARIES.items()]
+    return "\n".join(lines)
 
 
 PEER_GRACE = 2.0  # seconds a rank > 0 waits before reporting its own error (see report)
@@ -200,15 +379,24 @@ def run(command: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
         return 2
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sora_dist.cli") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N before the command: pass it on after it.
     launcher = [a for a in argv if a.startswith(("--local_rank", "--local-rank"))]
     argv = [a for a in argv if a not in launcher]
+    if argv and argv[0] in ("-h", "--help"):
+        print(sora_help().replace("usage: sora", f"usage: {prog}", 1).replace("sora <command> --help", f"{prog} <command> --help"))
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m sora_dist.cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        print(f"usage: {prog} {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        if argv:
+            print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return run(COMMANDS[argv[0]], argv[1:] + (launcher if argv[0] == "train" else []))
+
+
+def sora_entry() -> None:
+    sys.exit(main(prog="sora"))
 
 
 def train_entry() -> None:

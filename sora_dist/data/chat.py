@@ -44,10 +44,11 @@ ROLES = ("system", "user", "assistant", "tool")
 SENTINELS = ("\ue000\ue001\ue002", "\uf8f0\uf8f1\uf8f2", "\U000f0000\U000f0001")
 
 
-def check_messages(messages, where: str) -> list[dict]:
+def check_messages(messages, where: str, need_assistant: bool = True) -> list[dict]:
     """``messages`` as a list of {role, content} dicts (keys with null values dropped, as a columnar
     reader adds them), with known roles and text content (an assistant message may carry
-    ``tool_calls`` instead), or DataError."""
+    ``tool_calls`` instead), or DataError. Training data (``need_assistant``) must hold an assistant
+    message; a prompt need not."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     clean = []
@@ -63,7 +64,7 @@ def check_messages(messages, where: str) -> list[dict]:
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: messages[{i}].content must be text, got {type(message['content']).__name__}")
         clean.append(message)
-    if not any(m["role"] == "assistant" for m in clean):
+    if need_assistant and not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{where}: no assistant message, so {NO_LABEL}")
     return clean
 
