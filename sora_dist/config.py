@@ -28,6 +28,7 @@ from .deploy.atomic import file_in_the_way
 from .options import ConfigError, choice, help_of, option
 from .sparsity.config import SparsityBudget, SparsitySchedule
 from .training.config import TrainConfig
+from .training.trackers import check_trackers
 
 TASKS = ("causal_lm", "sequence_classification")
 
@@ -236,6 +237,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     if config.sparsity_budget is not None:
         check_budget(config)
     check_optimizer_choice(config)
+    check_trackers(config.train.report_to)
     if config.train.output_dir:
         check_output_dir(config.train.output_dir)
     return config

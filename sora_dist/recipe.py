@@ -1,6 +1,6 @@
 """The ``sora-train`` recipe: a validated RunConfig in, a trained adapter and its reports out.
 
-accelerator -> tokenizer and data (cheap errors first) -> model -> SoRA -> resolved config
+accelerator -> tokenizer and data (cheap errors first) -> experiment trackers (train.report_to) -> model -> SoRA -> resolved config
 (budget mode's gate lr) written to ``config.yaml`` -> train -> reports. With a
 ``sparsity_schedule`` section, "train" is the staged run of training/stages.py.
 """
@@ -38,6 +38,7 @@ from .training.evaluate import make_evaluator
 from .training.loop import train
 from .training.lr import lr_factor
 from .training.stages import run_stages
+from .training.trackers import active_trackers, start_trackers
 
 CLASSIFIER_HEADS = ("score", "classifier")
 
@@ -197,7 +198,8 @@ def write_budget_plot(controller: BudgetController, output_dir: str | Path) -> N
 def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
     """Train as ``cfg`` says; everything goes to ``output_dir``. Returns the final summary."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(output_dir)))
-    accelerator = engine.build_accelerator(cfg.distributed.deepspeed_config, cfg.distributed.mixed_precision, cfg.train.grad_accum)
+    accelerator = engine.build_accelerator(cfg.distributed.deepspeed_config, cfg.distributed.mixed_precision, cfg.train.grad_accum,
+                                           log_with=active_trackers(cfg.train.report_to), project_dir=output_dir)  # fmt: skip
     main = accelerator.is_main_process
     finished = False
     try:
@@ -209,6 +211,7 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         rows, collate_rows, lengths = training_rows(cfg, train_set, tokenizer.pad_token_id, main)
         check_batch_size(cfg, len(rows), accelerator.num_processes, main)
         cfg = steps_from_epochs(cfg, len(rows), accelerator.num_processes, main)
+        start_trackers(accelerator, cfg.train.tracker_project, Path(output_dir).name, output_dir, cfg.to_dict())
         labels = num_labels_of(cfg, train_set)
         model = load_model(
             cfg.model.path, cfg.model.task, torch_dtype(cfg.model.dtype), cfg.model.quantization,
@@ -266,4 +269,4 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         finished = True
         return summary
     finally:
-        engine.end_of_run(finished)
+        engine.end_of_run(finished, accelerator)

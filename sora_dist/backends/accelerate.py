@@ -56,6 +56,8 @@ def build_accelerator(
     ds_config: str | os.PathLike | dict | None = None,
     mixed_precision: str | None = None,
     grad_accum: int = 1,
+    log_with: list[str] | None = None,
+    project_dir: str | os.PathLike | None = None,
 ):
     """The Accelerator for this launch; call it before loading the model.
 
@@ -64,15 +66,23 @@ def build_accelerator(
     Accelerate YAML is used and ``ds_config`` may stay None. Creating the Accelerator first matters
     for ZeRO-3: it arms ``from_pretrained`` to load the model already partitioned.
     ``mixed_precision`` None takes the launcher's setting ("no" without one).
+    ``log_with`` names Accelerate's experiment trackers (tensorboard, wandb, mlflow, trackio); they
+    keep their local files under ``project_dir`` (TensorBoard: ``project_dir/tensorboard``).
     """
     from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
     if cpu_only() and (mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
         raise ValueError("fp16 with loss scaling needs a CUDA GPU; on CPU use mixed_precision='bf16' or 'no'")
     kwargs: dict = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed_precision}
+    if log_with:
+        if project_dir is None and "tensorboard" in log_with:
+            raise ValueError("log_with tensorboard needs a project_dir for its event files")
+        kwargs["log_with"] = list(log_with)
+        if project_dir is not None:
+            kwargs["project_config"] = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(Path(project_dir) / "tensorboard"))
     use_deepspeed = deepspeed_requested(ds_config)
     if use_deepspeed and os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("true", "1", "yes"):
         # Accelerate would quietly run plain multi-CPU DDP instead of the ZeRO run that was asked for.
@@ -95,7 +105,17 @@ def build_accelerator(
         else:
             # Without cpu=True, a torchrun/accelerate-launched CPU job runs as N unrelated processes.
             kwargs["cpu"] = True
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    missing = [name for name in log_with or [] if name not in {str(tracker) for tracker in accelerator.log_with}]
+    if missing:
+        raise ValueError(f"Accelerate {accelerate_version()} cannot log to {', '.join(missing)} here (its package is missing or unsupported)")
+    return accelerator
+
+
+def accelerate_version() -> str:
+    import accelerate
+
+    return accelerate.__version__
 
 
 def single_process_rendezvous() -> None:
@@ -346,14 +366,24 @@ def trainable_names(accelerator, model: nn.Module) -> set[str]:
     return {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
-def end_of_run(finished: bool = True) -> None:
-    """Barrier, then tear down the process group; skipping this aborts ~1 run in 9 at exit.
+def end_of_run(finished: bool = True, accelerator=None) -> None:
+    """Barrier, close the experiment trackers (``accelerator.end_training``), then tear down the
+    process group; skipping the barrier aborts ~1 run in 9 at exit.
 
     After an exception (``finished`` False) there is no barrier: the other ranks may be waiting
-    in a collective this rank never reaches, so a barrier would wait forever. The process exits
-    and the launcher stops the other ranks.
+    in a collective this rank never reaches, so a barrier would wait forever. The trackers are
+    still closed (what they logged is kept); the process exits and the launcher stops the other ranks.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if finished:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and finished:
+        torch.distributed.barrier()
+    if accelerator is not None and finished:
+        accelerator.end_training()
+    elif accelerator is not None:
+        for tracker in accelerator.trackers:
+            try:
+                tracker.finish()
+            except Exception as err:  # the run's own error is the one to report
+                print(f"could not close the {tracker.name} tracker: {err}", flush=True)
+    if distributed and finished and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

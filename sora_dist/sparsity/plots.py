@@ -32,6 +32,11 @@ def rank_grid(report: SparsityReport) -> tuple[list[int], list[str], list[list[f
 
 def rank_heatmap(report: SparsityReport, path: str | os.PathLike, title: str = "SoRA live rank per layer") -> Path:
     """Write a PNG heatmap: layers down, module kinds across, colour = live rank (of r_max)."""
+    return _save(rank_heatmap_figure(report, title), path)
+
+
+def rank_heatmap_figure(report: SparsityReport, title: str = "SoRA live rank per layer"):
+    """The matplotlib figure of :func:`rank_heatmap` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +51,17 @@ def rank_heatmap(report: SparsityReport, path: str | os.PathLike, title: str = "
     ax.set_ylabel("layer")
     ax.set_title(f"{title}\n{report.params:,} of {report.dense_params:,} adapter parameters kept", fontsize=9)
     fig.colorbar(image, ax=ax, label=f"live rank (r_max = {r_max})")
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
+
+
+def figure_pixels(fig, dpi: int = 110):
+    """A figure rendered as an RGB uint8 array (height, width, 3), as image loggers take it."""
+    import numpy as np
+
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def stage_curves(rows: list[dict], path: str | os.PathLike) -> Path:

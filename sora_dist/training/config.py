@@ -9,6 +9,7 @@ from ..backends.optimizers import OPTIMIZERS
 from ..core.config import GATE_UPDATES, THRESHOLDS
 from ..options import ConfigError, choice, option
 from ..sparsity.config import check_lambda_ramp
+from .trackers import normalize_report_to
 
 LR_DECAYS = ("constant", "linear", "cosine")
 
@@ -60,6 +61,12 @@ class TrainConfig:
     resume: bool = option(True, "continue from the newest checkpoint in output_dir if there is one")
     log_every: int = option(10, "log loss, lr, lambda and live ranks every N steps")
     eval_every: int = option(0, "evaluate every N steps (0 = only at the end)")
+    report_to: list[str] | str | None = option(
+        None, "experiment trackers, through Accelerate: one or a list of tensorboard | wandb | mlflow | trackio, or none; "
+        "each gets the run config, every logged metric and the rank heatmap (default: tensorboard when it is installed; "
+        "metrics.jsonl is always written)",
+    )
+    tracker_project: str = option("sora-dist", "W&B / trackio project and MLflow experiment of the run (its run name is output_dir's folder name)")
 
     def __post_init__(self):
         for key in ("steps", "micro_batch_size", "grad_accum"):
@@ -78,6 +85,9 @@ class TrainConfig:
         choice("TrainConfig.gate_update", self.gate_update, GATE_UPDATES)
         choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
         choice("TrainConfig.threshold", self.threshold, THRESHOLDS)
+        self.report_to = normalize_report_to(self.report_to)
+        if not self.tracker_project.strip():
+            raise ConfigError("TrainConfig.tracker_project: must not be empty")
         # With epochs, steps is known once the data is (recipe.steps_from_epochs checks again then).
         if self.warmup_steps < 0 or (not self.epochs and self.warmup_steps >= self.steps):
             raise ConfigError(f"TrainConfig.warmup_steps: must be in [0, steps={self.steps}), got {self.warmup_steps}")

@@ -177,6 +177,7 @@ def train(
     evaluate: Callable[[nn.Module], dict] | None = None,
     lambdas: LambdaController | None = None,
     lengths: Sequence[int] | None = None,
+    step_offset: int = 0,
 ):
     """Train the SoRA adapter of ``model`` on ``dataset`` (a sequence of example dicts).
 
@@ -188,7 +189,9 @@ def train(
     optimizer step on every rank. A NaN/inf loss stops the run (:class:`NonFiniteLoss`). Returns
     the backend-wrapped (model, optimizer). ``lambdas`` replaces the ramp of ``config.lambda_*``:
     any LambdaController, e.g. a BudgetController (λ chosen from the live count). ``lengths`` (one
-    per example) turns on length-grouped batching.
+    per example) turns on length-grouped batching. Metrics go to ``metrics.jsonl`` and to the
+    Accelerator's experiment trackers (``accelerator.log``, at ``step_offset + step``: a staged run's
+    stages follow each other there), with the rank heatmap at each evaluation and at the end.
     """
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(
@@ -206,7 +209,7 @@ def train(
         step = resume(found, accelerator, model, lambdas, batches, config)
         if accelerator.is_main_process:
             print(f"resumed from {found} at step {step}", flush=True)
-    progress = Progress(accelerator, config, step)
+    progress = Progress(accelerator, config, step, step_offset)
     guard = FiniteGuard(accelerator, config, model)
     try:
         while step < config.steps:
@@ -223,6 +226,7 @@ def train(
                 progress.record(step, "train", train_metrics(accelerator, model, optimizer, loss))
             if evaluate is not None and config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 progress.record(step, "eval", evaluate(model))
+                progress.heatmap(model, step)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 save_checkpoint(accelerator, model, config.output_dir, run_state(step, lambdas, batches, accelerator, config), config.keep_checkpoints)
             if on_step is not None:
@@ -233,5 +237,5 @@ def train(
         progress.close()
     if config.output_dir:
         save_sora(accelerator.unwrap_model(model), adapter_dir(config.output_dir), extra={"train": dataclasses.asdict(config)})
-        write_final_report(accelerator, model, Path(config.output_dir))
+        write_final_report(accelerator, model, Path(config.output_dir), tracker_step=step_offset + step)
     return model, wrapped

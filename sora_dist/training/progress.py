@@ -1,5 +1,5 @@
-"""What a run shows and records: the progress bar, the metrics log (JSONL + TensorBoard), the
-training metrics of a step, and the final sparsity report and heatmap."""
+"""What a run shows and records: the progress bar, the metrics log (JSONL, and the experiment
+trackers of train.report_to), the training metrics of a step, and the final sparsity report and heatmap."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from ..core.report import sparsity_report
 from ..deploy.layout import METRICS_FILE
 from ..sparsity.plots import rank_heatmap
 from .config import TrainConfig
+from .trackers import heatmap_wanted, log_heatmap, tracker_scalars
 
 
 class MetricsLog:
-    """Appends one JSON object per event to ``metrics.jsonl``; mirrors scalars to TensorBoard if present.
+    """Appends one JSON object per event to ``metrics.jsonl``.
 
     Only the main process writes; others get a log that ignores every call.
     """
@@ -25,37 +26,25 @@ class MetricsLog:
     def __init__(self, output_dir: str | os.PathLike, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
-        self.tensorboard = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return
-        self.tensorboard = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 class Progress:
-    """tqdm on the main process, the metrics log (JSONL + TensorBoard) in the output folder."""
+    """tqdm on the main process, the metrics log (JSONL) in the output folder, and the same numbers
+    to the Accelerator's experiment trackers (``accelerator.log``) at ``step_offset + step``."""
 
-    def __init__(self, accelerator, config: TrainConfig, start: int):
+    def __init__(self, accelerator, config: TrainConfig, start: int, step_offset: int = 0):
         from tqdm.auto import tqdm
 
+        self.accelerator = accelerator
+        self.step_offset = step_offset
         self.main = accelerator.is_main_process
         self.bar = tqdm(total=config.steps, initial=start, disable=not self.main, desc="train", dynamic_ncols=True)
         self.log = MetricsLog(config.output_dir, enabled=self.main) if config.output_dir else None
@@ -63,15 +52,21 @@ class Progress:
     def record(self, step: int, kind: str, values: dict) -> None:
         if self.log is not None:
             self.log.log(step, kind, values)
+        scalars = tracker_scalars(kind, values)
+        if scalars:
+            self.accelerator.log(scalars, step=self.step_offset + step)
         if self.main and kind == "train":
             self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in values.items()}, refresh=False)
         elif self.main:
             self.bar.write(f"step {step} {kind}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
 
+    def heatmap(self, model, step: int) -> None:
+        """The rank heatmap into the trackers at this step; every rank calls it (the report is a collective)."""
+        if heatmap_wanted(self.accelerator):
+            log_heatmap(self.accelerator, sparsity_report(self.accelerator.unwrap_model(model)), self.step_offset + step)
+
     def close(self) -> None:
         self.bar.close()
-        if self.log is not None:
-            self.log.close()
 
 
 def train_metrics(accelerator, model, optimizer, loss: torch.Tensor) -> dict:
@@ -89,9 +84,12 @@ def train_metrics(accelerator, model, optimizer, loss: torch.Tensor) -> dict:
     }
 
 
-def write_final_report(accelerator, model, output_dir: Path) -> None:
-    """Sparsity report (JSON) and the rank-per-layer heatmap (PNG, when matplotlib is installed)."""
+def write_final_report(accelerator, model, output_dir: Path, tracker_step: int | None = None) -> None:
+    """Sparsity report (JSON) and the rank-per-layer heatmap (PNG, when matplotlib is installed;
+    also into the experiment trackers at ``tracker_step`` when given)."""
     report = sparsity_report(accelerator.unwrap_model(model))
+    if tracker_step is not None:
+        log_heatmap(accelerator, report, tracker_step)
     if not accelerator.is_main_process:
         return
     (output_dir / "sparsity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -51,6 +51,7 @@ from ..sparsity.config import SparsitySchedule
 from ..sparsity.plots import stage_curves
 from .config import TrainConfig
 from .loop import train
+from .trackers import tracker_scalars
 
 SCORES = ("generated_accuracy", "accuracy", "pearson")
 COLUMNS = ("stage", "lambda", "steps", "nonzero_params", "live_ranks", "adapter_params", "step_time_s", "score",
@@ -118,6 +119,7 @@ def run_stages(
     output_dir = Path(output_dir)
     rows: list[dict] = []
     baselines: tuple[float, float] | None = None
+    offset = 0  # the stages follow each other in the experiment trackers
     for stage, lambda_ in enumerate(schedule.lambdas()):
         if stage:
             # Back to the bare model: the next train() prepares it with its new optimizer.
@@ -131,7 +133,9 @@ def run_stages(
         adapter_params = physical_adapter_params(model)
         timer = StepTimer()
         started = time.perf_counter()
-        model, _ = train(model, dataset, config, accelerator, collate_fn=collate_fn, evaluate=recorder, on_step=timer, lengths=lengths)
+        model, _ = train(model, dataset, config, accelerator, collate_fn=collate_fn, evaluate=recorder, on_step=timer, lengths=lengths,
+                         step_offset=offset)  # fmt: skip
+        offset += config.steps
         step_time = timer.mean(time.perf_counter() - started, config.steps)
         name, validation = score(recorder.results[-1])
         _, memorized = score(memorize(model))
@@ -144,6 +148,7 @@ def run_stages(
             "generalization": relative(validation, baselines[0]), "memorization": relative(memorized, baselines[1]),
             "adapter": str(folder / ADAPTER_DIR), "adapter_params": adapter_params, "step_time_s": step_time,
         })  # fmt: skip
+        accelerator.log(tracker_scalars("stage", {k: v for k, v in rows[-1].items() if k != "stage"}), step=offset)
         if accelerator.is_main_process:
             write_stage_reports(rows, output_dir)
             print(f"stage {stage}: lambda {lambda_:.4g}, {report.params:,} non-zero adapter parameters, "
