@@ -61,7 +61,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
         prog="sora-merge",
         description="Prune zero ranks, fold the gates and merge a SoRA adapter into the base weights, shard by shard.",
     )
-    parser.add_argument("--base", required=True, help="full-precision base model folder (safetensors)")
+    parser.add_argument("--base", help="full-precision base model folder (safetensors); default: the run's model.path when --adapter is in a run folder")
     parser.add_argument("--adapter", required=True, help="adapter folder, training checkpoint or run output folder")
     parser.add_argument("--out", required=True, help="output model folder (must not exist unless --force)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="dtype of the merged weights (default: as stored in the base)")
@@ -73,6 +73,8 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     from .deploy.sources import resolve_adapter
     from .deploy.stream_merge import merge_files
 
+    if args.base is None:
+        args.base = base_of_run(args.adapter)
     refuse_output_inside("--out", args.out, {"--adapter": args.adapter, "--base": args.base})
     require_folders({"--adapter": args.adapter, "--base": args.base})
     meta, tensors, where = resolve_adapter(args.adapter)
@@ -106,6 +108,18 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         f"(ranks {min(config['rank_pattern'].values())}-{max(config['rank_pattern'].values())}), {pruned} modules with no live rank left out"
     )
     return 0
+
+
+def base_of_run(adapter: str) -> str:
+    """The base model of the run folder ``adapter`` lies in (its config.yaml's model.path)."""
+    from .inference import find_run_config, read_run_config
+    from .models import resolve_model_path
+
+    config = find_run_config(Path(adapter))
+    path = (read_run_config(config).get("model") or {}).get("path") if config is not None else None
+    if not path:
+        raise ValueError(f"--base is required: --adapter {adapter} is not in a run folder whose config.yaml names model.path")
+    return resolve_model_path(path)
 
 
 def refuse_output_inside(flag: str, out: str, inputs: dict[str, str]) -> None:

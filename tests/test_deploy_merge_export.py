@@ -236,3 +236,23 @@ def test_quantize_reports_added_error(tmp_path, capsys):
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
     assert any(type(m).__name__ == "Linear4bit" for m in quantized.modules())
+
+
+def test_a_run_folder_merges_without_naming_its_base(tiny_model_dir, tmp_path):
+    """The base comes from the run's config.yaml (model.path); the result equals naming it."""
+    from helpers import write_config
+    from safetensors.torch import load_file
+
+    from sora_dist.cli import train_main
+
+    assert train_main([str(write_config(tmp_path, tiny_model_dir))]) == 0
+    run_dir = tmp_path / "out"
+    assert run(merge_main, ["--adapter", str(run_dir), "--out", str(tmp_path / "implicit")]) == 0
+    assert run(merge_main, ["--base", str(tiny_model_dir), "--adapter", str(run_dir), "--out", str(tmp_path / "explicit")]) == 0
+    implicit, explicit = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("implicit", "explicit"))
+    assert implicit.keys() == explicit.keys() and all(torch.equal(implicit[k], explicit[k]) for k in implicit)
+    lone = tmp_path / "lone"
+    (lone / "adapter").mkdir(parents=True)
+    for file in (run_dir / "adapter").iterdir():
+        (lone / "adapter" / file.name).write_bytes(file.read_bytes())
+    assert run(merge_main, ["--adapter", str(lone / "adapter"), "--out", str(tmp_path / "none")]) == 2
