@@ -1,7 +1,8 @@
 """The ``sora-train`` recipe: a validated RunConfig in, a trained adapter and its reports out.
 
-accelerator -> tokenizer and data (cheap errors first) -> experiment trackers (train.report_to) -> model -> SoRA -> resolved config
-(budget mode's gate lr) written to ``config.yaml`` -> train -> reports. With a
+accelerator -> tokenizer and data (cheap errors first) -> model -> SoRA -> resolved config
+(budget mode's gate lr) -> experiment trackers (train.report_to) -> config written to ``config.yaml``
+-> train -> reports. With a
 ``sparsity_schedule`` section, "train" is the staged run of training/stages.py.
 """
 
@@ -211,7 +212,6 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         rows, collate_rows, lengths = training_rows(cfg, train_set, tokenizer.pad_token_id, main)
         check_batch_size(cfg, len(rows), accelerator.num_processes, main)
         cfg = steps_from_epochs(cfg, len(rows), accelerator.num_processes, main)
-        start_trackers(accelerator, cfg.train.tracker_project, Path(output_dir).name, output_dir, cfg.to_dict())
         labels = num_labels_of(cfg, train_set)
         model = load_model(
             cfg.model.path, cfg.model.task, torch_dtype(cfg.model.dtype), cfg.model.quantization,
@@ -230,6 +230,9 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
             evaluate = make_evaluator(cfg.model.task, val_set, collate, cfg.data.eval_batch_size, accelerator,
                                       tokenizer, labels or 2, cfg.data.eval_generate_tokens)
         cfg = resolve(cfg, model, main)
+        # Trackers write into output_dir, so they start once nothing of the start-up can fail any
+        # more (a refused run leaves its folder as it was); packages and network were checked at load.
+        start_trackers(accelerator, cfg.train.tracker_project, Path(output_dir).name, output_dir, cfg.to_dict())
         if main:
             write_text(Path(output_dir) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         stages = None
