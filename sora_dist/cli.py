@@ -251,19 +251,35 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         prog="sora eval",
         description="Score a trained model on a data file as the training loop's evaluation does: the data tokenized as "
                     "for training, held-out loss and perplexity, and for chat and instruction data how often a greedy "
-                    "reply starts with the reference answer (a classifier: its classification metrics).",
+                    "reply starts with the reference answer (a classifier: its classification metrics). With --lm-eval, "
+                    "run lm-evaluation-harness tasks on the same loaded model instead.",
     )  # fmt: skip
     model_arguments(parser)
-    parser.add_argument("--data", required=True, help="data file in a training format (any source data.train_file accepts)")
+    parser.add_argument("--data", help="data file in a training format (any source data.train_file accepts); this or --lm-eval")
     parser.add_argument("--format", choices=["chat", "instruction", "text", "blocks", "classification"],
                         help="data format (default: the run's when the data has its fields, else from the fields)")  # fmt: skip
     parser.add_argument("--max-length", type=positive_int, help="truncate examples to this many tokens (default: the run's data.max_length, else 512)")
     parser.add_argument("--batch-size", type=positive_int, help="evaluation batch size (default: the run's data.eval_batch_size, else 16)")
     parser.add_argument("--max-new-tokens", type=int,
                         help="tokens generated per answer for the accuracy; 0 skips it (default: the run's data.eval_generate_tokens, else 32)")  # fmt: skip
+    harness_options = parser.add_argument_group("lm-evaluation-harness (the optional extra lmeval: pip install 'sora_dist[lmeval]')")
+    harness_options.add_argument("--lm-eval", metavar="TASK[,TASK...]",
+                                 help="run these lm-evaluation-harness tasks (names, groups or tags) on the loaded model instead of --data")  # fmt: skip
+    harness_options.add_argument("--lm-eval-include", metavar="DIR", help="folder of YAML task configs of your own, looked up with the harness's tasks")
+    harness_options.add_argument("--num-fewshot", type=non_negative_int, metavar="N", help="few-shot examples per prompt (default: each task's own, else 0)")
+    harness_options.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N documents of each task")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.command = "eval"
+    if (args.data is None) == (args.lm_eval is None):
+        raise ValueError("give --data FILE (loss, perplexity, accuracy on a data file) or --lm-eval TASK[,TASK...] "
+                         "(lm-evaluation-harness tasks)" + (", not both" if args.data is not None else ""))  # fmt: skip
+    if args.lm_eval is not None:
+        return lm_eval_main(args)
+    misplaced = [flag for flag, value in (("--lm-eval-include", args.lm_eval_include), ("--num-fewshot", args.num_fewshot),
+                                          ("--limit", args.limit)) if value is not None]  # fmt: skip
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: only with --lm-eval")
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
     if not args.data.startswith("asset:") and not Path(args.data).exists():
@@ -294,6 +310,44 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def lm_eval_main(args: argparse.Namespace) -> int:
+    """sora eval --lm-eval: the harness's tasks on the model loaded as for --data (base + adapter, or merged)."""
+    misplaced = [flag for flag, value in (("--format", args.format), ("--max-length", args.max_length), ("--max-new-tokens", args.max_new_tokens))
+                 if value is not None]  # fmt: skip
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: only with --data (lm-evaluation-harness tasks set their own)")
+    from . import harness
+
+    harness.one_process()
+    harness.require_lm_eval()
+    tasks = harness.parse_tasks(args.lm_eval)
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json}: is a folder, not a file")
+    from .inference import resolve_sources
+
+    _, _, run_config = resolve_sources(args.model, args.base, args.adapter)
+    manager = harness.task_manager(args.lm_eval_include)
+    harness.check_tasks(manager, tasks)
+    loaded = load_from(args)
+    batch_size = args.batch_size or loaded.data_settings.eval_batch_size
+    mixed = ((run_config or {}).get("distributed") or {}).get("mixed_precision")
+    results = harness.run_tasks(loaded, tasks, manager, batch_size, args.num_fewshot, args.limit, mixed)
+    print(harness.results_table(results), flush=True)
+    if args.json:
+        harness.write_results(args.json, results)
+    return 0
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return number
+
+
 def finish_processes() -> None:
     import torch.distributed as dist
 
@@ -311,7 +365,7 @@ SUMMARIES = {
     "export": "export an adapter to another format, e.g. PEFT LoRA (as sora-export)",
     "chat": "talk to a trained model: multi-turn, streamed, with its chat template",
     "generate": "complete every row of a data file into JSON lines (batched; split across processes under a launcher)",
-    "eval": "loss, perplexity and answer accuracy on a data file, computed as training's evaluation",
+    "eval": "loss, perplexity and answer accuracy on a data file, computed as training's evaluation; or lm-evaluation-harness tasks",
 }
 
 
