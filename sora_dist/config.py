@@ -96,6 +96,38 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def config_markdown() -> str:
+    """docs/configuration.md: every section and key as a Markdown table (key, default, meaning), from
+    the same fields as config_help(). Regenerate with ``python -m sora_dist.config --markdown``."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    def default_of(f: dataclasses.Field) -> str:
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value is None:
+            return "`null`"
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        if value == "":
+            return '`""`'
+        return f"`{cell(str(value))}`"
+
+    lines = [
+        "# Configuration keys of `sora-train`",
+        "",
+        "<!-- Generated from the schema (sora_dist/config.py): python -m sora_dist.config --markdown > docs/configuration.md -->",
+        "",
+        "One YAML file drives a run (`sora-train CONFIG`, or `sora train CONFIG`); `--set section.key=value` overrides",
+        "one key. The sections `sparsity_schedule` and `sparsity_budget` are optional: present, they choose λ",
+        "instead of `train.lambda_*`. `sora-train --help` prints the same keys.",
+    ]
+    for name, cls in SECTIONS.items():
+        lines += ["", f"## `{name}`" + (" (optional)" if name in OPTIONAL_SECTIONS else ""), "", "| key | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{name}.{f.name}` | {default_of(f)} | {cell(help_of(f))} |" for f in dataclasses.fields(cls)]
+    return "\n".join(lines) + "\n"
+
+
 @dataclasses.dataclass
 class RunConfig:
     model: ModelConfig
@@ -294,3 +326,11 @@ def check_stages(config: RunConfig) -> None:
     except ValueError as err:
         message = str(err).replace("TrainConfig.", "train.").replace("steps=", "sparsity_schedule.steps_per_stage=")
         raise ConfigError(f"sparsity_schedule.steps_per_stage: each stage is one training run: {message}") from None
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m sora_dist.config --markdown > docs/configuration.md")
+    sys.stdout.write(config_markdown())
