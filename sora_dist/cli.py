@@ -268,6 +268,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     harness_options.add_argument("--lm-eval-include", metavar="DIR", help="folder of YAML task configs of your own, looked up with the harness's tasks")
     harness_options.add_argument("--num-fewshot", type=non_negative_int, metavar="N", help="few-shot examples per prompt (default: each task's own, else 0)")
     harness_options.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N documents of each task")
+    harness_options.add_argument("--apply-chat-template", action="store_true",
+                                 help="render each prompt as a user turn with the tokenizer's chat template (for chat-trained models)")  # fmt: skip
+    harness_options.add_argument("--system-instruction", metavar="TEXT", help="system message put before each prompt (with --apply-chat-template)")
     parser.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.command = "eval"
@@ -277,7 +280,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if args.lm_eval is not None:
         return lm_eval_main(args)
     misplaced = [flag for flag, value in (("--lm-eval-include", args.lm_eval_include), ("--num-fewshot", args.num_fewshot),
-                                          ("--limit", args.limit)) if value is not None]  # fmt: skip
+                                          ("--limit", args.limit), ("--apply-chat-template", args.apply_chat_template or None),
+                                          ("--system-instruction", args.system_instruction)) if value is not None]  # fmt: skip
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)}: only with --lm-eval")
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
@@ -331,7 +335,10 @@ def lm_eval_main(args: argparse.Namespace) -> int:
     loaded = load_from(args)
     batch_size = args.batch_size or loaded.data_settings.eval_batch_size
     mixed = ((run_config or {}).get("distributed") or {}).get("mixed_precision")
-    results = harness.run_tasks(loaded, tasks, manager, batch_size, args.num_fewshot, args.limit, mixed)
+    if args.apply_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ValueError(f"--apply-chat-template: the tokenizer of {loaded.description} has no chat template")
+    results = harness.run_tasks(loaded, tasks, manager, batch_size, args.num_fewshot, args.limit, mixed,
+                                chat=args.apply_chat_template, system=args.system_instruction)  # fmt: skip
     print(harness.results_table(results), flush=True)
     if args.json:
         harness.write_results(args.json, results)

@@ -90,13 +90,15 @@ def wrap_model(loaded, batch_size: int, mixed: str | None = None):
 
 
 def run_tasks(loaded, tasks: Sequence[str], manager, batch_size: int, num_fewshot: int | None = None, limit: int | None = None,
-              mixed: str | None = None) -> dict:  # fmt: skip
-    """The harness's results of ``tasks`` on ``loaded``, reduced to what JSON can hold (see json_safe)."""
+              mixed: str | None = None, chat: bool = False, system: str | None = None) -> dict:  # fmt: skip
+    """The harness's results of ``tasks`` on ``loaded``, reduced to what JSON can hold (see json_safe).
+    ``chat`` renders each prompt as a user turn (few-shot examples as earlier turns) with the
+    tokenizer's chat template, after ``system`` when given."""
     import lm_eval
 
     model = wrap_model(loaded, batch_size, mixed)
     results = lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                                      batch_size=batch_size, log_samples=False)  # fmt: skip
+                                      batch_size=batch_size, log_samples=False, apply_chat_template=chat, system_instruction=system)  # fmt: skip
     if results is None:
         raise RuntimeError("lm-evaluation-harness returned no results")
     safe = json_safe(results)

@@ -141,3 +141,61 @@ def test_eval_needs_data_or_lm_eval_and_the_harness_one_error_line(tmp_path, cap
     assert main(["eval", missing, "--lm-eval", "hellaswag"], prog="sora") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --lm-eval needs lm-evaluation-harness: pip install 'sora_dist[lmeval]'"]
+
+
+CHAT = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}")  # fmt: skip
+
+
+def test_apply_chat_template_scores_each_prompt_as_a_user_turn_after_the_system_instruction(tiny_run, tmp_path, capsys):
+    """With --apply-chat-template the context is the tokenizer's rendering of [system, user] plus the generation
+    prompt: the reported accuracy is the one plain torch gives on that rendering, not on the raw prompt."""
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    run_dir, model_dir = tiny_run
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = CHAT
+    tokenizer.save_pretrained(base)
+    model = reference_model(base, run_dir)
+
+    g = torch.Generator().manual_seed(11)
+
+    def words(n: int) -> str:
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, 100, (n,), generator=g))
+
+    system = words(3)
+    docs, rendered_right, raw_right = [], 0, 0
+    for i in range(DOCS):
+        doc = {"context": words(4), "choices": [words(1 + (k + i) % 2) for k in range(3)]}
+        chat = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": doc["context"]}],
+                                             tokenize=False, add_generation_prompt=True)  # fmt: skip
+        with_template = argmax(choice_loglikelihoods(model, tokenizer, chat, doc["choices"]))
+        raw = argmax(choice_loglikelihoods(model, tokenizer, doc["context"], doc["choices"]))
+        doc["label"] = with_template if i % 3 else (with_template + 1) % 3
+        rendered_right += with_template == doc["label"]
+        raw_right += raw == doc["label"]
+        docs.append(doc)
+    assert rendered_right != raw_right  # the test tells the two renderings apart
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    write_task(tmp_path / "tasks", data)
+
+    out = tmp_path / "chat.json"
+    common = ["--base", str(base), "--adapter", str(run_dir / "adapter"), "--lm-eval", "sora_tiny_mc", "--lm-eval-include", str(tmp_path / "tasks"),
+              "--json", str(out)]  # fmt: skip
+    assert eval_main([*common, "--apply-chat-template", "--system-instruction", system]) == 0
+    assert json.loads(out.read_text())["results"]["sora_tiny_mc"]["acc,none"] == pytest.approx(rendered_right / DOCS, abs=1e-12)
+    assert eval_main(common) == 0
+    assert json.loads(out.read_text())["results"]["sora_tiny_mc"]["acc,none"] == pytest.approx(raw_right / DOCS, abs=1e-12)
+    capsys.readouterr()
+
+    assert main(["eval", str(run_dir), "--data", str(data), "--apply-chat-template"], prog="sora") == 2
+    assert "--apply-chat-template: only with --lm-eval" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--lm-eval", "sora_tiny_mc", "--lm-eval-include", str(tmp_path / "tasks"), "--apply-chat-template"],
+                prog="sora") == 2  # fmt: skip
+    assert "has no chat template" in capsys.readouterr().err
