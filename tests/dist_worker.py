@@ -30,7 +30,13 @@ BACKENDS = {
     "zero3": "zero3.json",
     "zero3_offload": "zero3_offload.json",
     "zero3_4bit": "zero3_4bit.json",
+    "fsdp2": None,
 }
+# What `accelerate launch --config_file launch/fsdp2.yaml` exports (its fsdp_config), for torchrun here.
+FSDP2_ENV = {
+    "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+}  # fmt: skip
 SEED = 7
 COLLECTIVES = (
     "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
@@ -203,6 +209,8 @@ def main() -> None:
     from sora_dist.training.config import TrainConfig
     from sora_dist.training.loop import gate_shard_numel, train
 
+    if args.backend == "fsdp2":
+        os.environ.update(FSDP2_ENV)
     ds_config = BACKENDS[args.backend] and engine.load_ds_config(REPO / "ds_configs" / BACKENDS[args.backend])
     for option in args.zero_option:
         key, value = option.split("=")
@@ -264,8 +272,8 @@ def main() -> None:
     if args.crash_in_save:
         original = engine.save_state
 
-        def save_then_die(accelerator, model, path):
-            original(accelerator, model, path)
+        def save_then_die(accelerator, model, path, *rest):
+            original(accelerator, model, path, *rest)
             if f"{args.crash_in_save:08d}" in str(path):
                 accelerator.wait_for_everyone()
                 os._exit(17)

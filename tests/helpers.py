@@ -280,10 +280,12 @@ def model_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
     """Bytes this rank holds for parameters, gradients and optimizer state, each storage counted once.
 
     ZeRO-3 partitions count as their local shard (``ds_tensor``, plus the full tensor of the small
-    parameters ZeRO-3 keeps whole); DeepSpeed's flat fp32 master shards are the keys of our
+    parameters ZeRO-3 keeps whole), FSDP2's DTensors as their local block; DeepSpeed's flat fp32 master shards are the keys of our
     optimizer's state. Call it between steps: gradients are transient and mostly freed by then.
     (tests/dist_worker.py reports it; benchmarks/distributed.py reads it.)
     """
+    from torch.distributed.tensor import DTensor
+
     from sora_dist.backends.accelerate import client_optimizer
 
     seen: set[int] = set()
@@ -291,6 +293,8 @@ def model_state_bytes(model: nn.Module, optimizer) -> dict[str, int]:
     def size(tensors) -> int:
         total = 0
         for t in tensors:
+            if isinstance(t, DTensor):  # FSDP2: this rank's block of rows
+                t = t.to_local()
             if t is None or not torch.is_tensor(t) or t.numel() == 0:
                 continue
             storage = t.untyped_storage()

@@ -1,4 +1,4 @@
-"""Backend details for the training loop: plain PyTorch, DDP and DeepSpeed ZeRO-0/1/2/3 via Accelerate.
+"""Backend details for the training loop: plain PyTorch, DDP, DeepSpeed ZeRO-0/1/2/3 and FSDP2 via Accelerate.
 
 The SoRA math never changes between backends. What changes is where tensors live and who steps
 the optimizer:
@@ -8,7 +8,9 @@ the optimizer:
 - DeepSpeed: ``accelerator.backward()`` runs the engine's step, which averages (all-reduce or
   reduce-scatter), clips, and then calls our optimizer's ``step()`` on whole tensors (ZeRO-0) or on
   this rank's flat fp32 shard of each param group (ZeRO-1/2/3). The gate group keeps its
-  ``sora_gate`` key there, so the proximal step runs on the gate shard with no extra collective.
+  ``sora_gate`` key there, so the proximal step runs on the gate shard with no extra collective;
+- FSDP2 (backends/fsdp2.py): ``optimizer.step()`` runs on DTensor parameters, each rank's block of
+  rows of every tensor, after FSDP reduce-scattered the gradients and we clipped them.
 
 CPU-only machines (tests, laptops) need a few workarounds; each sits behind :func:`cpu_only` so
 GPU users never pay for them.
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import fsdp2
 from .dtypes import MIXED_PRECISIONS
 
 
@@ -84,6 +87,10 @@ def build_accelerator(
         if project_dir is not None:
             kwargs["project_config"] = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(Path(project_dir) / "tensorboard"))
     use_deepspeed = deepspeed_requested(ds_config)
+    use_fsdp = fsdp2.requested()
+    if use_fsdp:
+        fsdp2.check_request(use_deepspeed)
+        single_process_rendezvous()
     if use_deepspeed and os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("true", "1", "yes"):
         # Accelerate would quietly run plain multi-CPU DDP instead of the ZeRO run that was asked for.
         raise ValueError(
@@ -106,6 +113,10 @@ def build_accelerator(
             # Without cpu=True, a torchrun/accelerate-launched CPU job runs as N unrelated processes.
             kwargs["cpu"] = True
     accelerator = Accelerator(**kwargs)
+    if use_fsdp:
+        if cpu_only():
+            fsdp2.use_on_cpu(accelerator)
+        fsdp2.set_mixed_precision(accelerator, mixed_precision)
     missing = [name for name in log_with or [] if name not in {str(tracker) for tracker in accelerator.log_with}]
     if missing:
         raise ValueError(f"Accelerate {accelerate_version()} cannot log to {', '.join(missing)} here (its package is missing or unsupported)")
@@ -179,10 +190,16 @@ def zero_stage(accelerator) -> int | None:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def uses_fsdp2(accelerator) -> bool:
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
 def backend_name(accelerator) -> str:
     stage = zero_stage(accelerator)
     if stage is not None:
         return f"deepspeed-zero{stage}"
+    if uses_fsdp2(accelerator):
+        return "fsdp2"
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
@@ -239,7 +256,7 @@ def shard_numel(wrapped, optimizer: torch.optim.Optimizer, group_indices: set[in
     if table is not None:
         shards = zero3.fp32_partitioned_groups_flat
         return sum(shards[sub].numel() for sub, group in table.items() if group in group_indices)
-    return sum(p.numel() for i in group_indices for p in optimizer.param_groups[i]["params"])
+    return sum(fsdp2.local_numel(p) for i in group_indices for p in optimizer.param_groups[i]["params"])
 
 
 def client_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -321,7 +338,7 @@ def to_device(batch: dict, accelerator) -> dict:
     return moved
 
 
-def save_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
+def save_state(accelerator, model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Backend checkpoint of the trainable state (every rank calls it): weights, optimizer, RNG.
 
     DeepSpeed writes its own sharded files; frozen base weights are left out everywhere (they come
@@ -329,6 +346,9 @@ def save_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
     """
     if uses_deepspeed(accelerator):
         accelerator.save_state(str(path), exclude_frozen_parameters=True)
+        return
+    if uses_fsdp2(accelerator):
+        fsdp2.save_state(model, client_optimizer(optimizer), path, accelerator.process_index)
         return
     trainable = trainable_names(accelerator, model)
 
@@ -343,7 +363,7 @@ def save_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
         handle.remove()
 
 
-def load_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
+def load_state(accelerator, model: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a checkpoint written by :func:`save_state`.
 
     Frozen weights are absent, so loading is non-strict; the saved names are checked first, so a
@@ -351,6 +371,9 @@ def load_state(accelerator, model: nn.Module, path: str | os.PathLike) -> None:
     """
     if uses_deepspeed(accelerator):
         accelerator.load_state(str(path), load_module_strict=False)
+        return
+    if uses_fsdp2(accelerator):
+        fsdp2.load_state(model, client_optimizer(optimizer), path, accelerator.process_index)
         return
     from safetensors import safe_open
 

@@ -18,13 +18,19 @@ column of B can straddle two pieces, so each rank sums the squares of the elemen
 every rank the whole norms; the rescaling is then elementwise on what each rank holds. The layout
 is recorded per group when the groups are built (:func:`factor_layout`) and replaced by the
 engine's own offsets (DeepSpeed pads each parameter to an alignment) once it has flattened them
-(:func:`use_zero_layout`). Our own code because no library rescales factor pairs across
+(:func:`use_zero_layout`). Under FSDP2 each rank holds a block of rows of every tensor: whole
+rows of A, a block of B's output rows with all r columns, the gate entries aligned with A's rows.
+So A's norms are complete on the rank that holds the row, B's are split across every rank, and the
+same one all-reduce of the per-rank sums of squares makes both whole. Our own code because no library rescales factor pairs across
 parameters on ZeRO's flat shards.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from ..backends.fsdp2 import row_offset
 
 LAYOUT = "factor_layout"  # per group: [(role, module index, shape, flat offset)] in the group's parameter order
 BALANCE = "normalize_factors"  # per group: True when the scale-moving step runs on it
@@ -56,7 +62,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def pieces(group: dict, rank: int, sharded: bool) -> list[tuple[torch.Tensor, int]]:
-    """(1-d tensor, its first position in the group's flat order) for what this process holds."""
+    """(1-d tensor, its first position in the group's flat order) for what this process holds.
+    FSDP2 (DTensor parameters): each rank holds a block of rows of each tensor, contiguous in its
+    flat order, from the row :func:`row_offset` gives."""
+    if any(isinstance(p, DTensor) for p in group["params"]):
+        out = []
+        for param, entry in zip(group["params"], group[LAYOUT]):
+            row = _numel(entry[2][1:])
+            out.append((param.to_local().data.view(-1), entry[3] + row_offset(param) * row))
+        return out
     if not sharded:
         return [(param.data.view(-1), entry[3]) for param, entry in zip(group["params"], group[LAYOUT])]
     (flat,) = group["params"]

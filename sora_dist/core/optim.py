@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .balance import BALANCE, LAYOUT, factor_layout, factor_roles, normalize_factors_
 from .config import GATE_UPDATES, THRESHOLDS
@@ -37,15 +38,23 @@ PEAK_LR = "peak_lr"  # the group's learning rate before the schedule's factor
 GATE_L1 = "gate_l1"  # the released code's sparse_lambda: gate_l1 · Σ|g| / GATE_COUNT is part of the loss
 GATE_COUNT = "gate_count"  # gates of the whole model (not of this rank's shard): the L1 term's n
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (FSDP2 shards each parameter along dim 0), sharing its
+    storage, so in-place updates of the piece update the parameter; any other tensor as it is.
+    The gate step is elementwise, so it runs on the pieces and never gathers a parameter."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def add_l1_gradient_(group: dict) -> None:
     """The gradient of gate_l1 · Σ|g| / n_gates (the released code's second L1 term, which it adds
     to the loss) added to the gate gradients before the gradient step, so Adam sees it as part of
     the loss gradient. Elementwise, so a ZeRO shard of the gates needs nothing from other ranks;
     n_gates is the whole model's count. It comes after gradient clipping (the released code clips
     it with the rest), which keeps it independent of the clipping of the other gradients."""
-    gates = [g for g in group["params"] if g.grad is not None]
+    gates = [local_tensor(g) for g in group["params"] if g.grad is not None]
+    grads = [local_tensor(g.grad) for g in group["params"] if g.grad is not None]
     if gates:
-        torch._foreach_add_([g.grad for g in gates], torch._foreach_sign(gates), alpha=group[GATE_L1] / group[GATE_COUNT])
+        torch._foreach_add_(grads, torch._foreach_sign(gates), alpha=group[GATE_L1] / group[GATE_COUNT])
 
 
 def prox_threshold(lr: float, prox_lambda: float, threshold: str) -> float:
@@ -177,7 +186,8 @@ class SoRAOptimizer(torch.optim.Optimizer):
             self.after_factor_step()
 
     def _adam_state(self, param: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """Advance ``param``'s step count; return (exp_avg, exp_avg_sq, -lr / bias1, sqrt(bias2))."""
+        """Advance ``param``'s step count; return (exp_avg, exp_avg_sq, -lr / bias1, sqrt(bias2)), the
+        moments as this rank's pieces (they are kept like the parameter: DTensors under FSDP2)."""
         state = self.state[param]
         if not state:
             state["step"] = 0
@@ -187,9 +197,9 @@ class SoRAOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         bias1 = 1 - beta1 ** state["step"]
         bias2 = 1 - beta2 ** state["step"]
-        return state["exp_avg"], state["exp_avg_sq"], -group["lr"] / bias1, math.sqrt(bias2)
+        return local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]), -group["lr"] / bias1, math.sqrt(bias2)
 
-    def _adam_update_(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> None:
+    def _adam_update_(self, params: list[torch.Tensor], pieces: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> None:
         """The gates' Adam step when the inner optimizer is no Adam (e.g. SGD): bias-corrected, in
         torch AdamW's single-tensor formula, as ``torch._foreach_*`` ops (our own only because such
         an inner optimizer has no Adam to lend):
@@ -206,18 +216,19 @@ class SoRAOptimizer(torch.optim.Optimizer):
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, list(bias2_sqrts))
         torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avgs, denom, list(step_sizes))
+        torch._foreach_addcdiv_(pieces, exp_avgs, denom, list(step_sizes))
 
     def _gate_step(self, group: dict) -> None:
         tau = prox_threshold(group["lr"], group[LAMBDA], group[THRESHOLD])
-        gates = [g for g in group["params"] if g.grad is not None]
-        if not gates:
+        params = [g for g in group["params"] if g.grad is not None]
+        if not params:
             return
-        grads = [g.grad for g in gates]
+        gates = [local_tensor(g) for g in params]
+        grads = [local_tensor(g.grad) for g in params]
         if group[GATE_UPDATE] == "prox_sgd":
             torch._foreach_add_(gates, grads, alpha=-group["lr"])
         elif not self._inner_steps(group):
-            self._adam_update_(gates, grads, group)
+            self._adam_update_(params, gates, grads, group)
         # (else the inner Adam already took the gradient step: gates now hold z, before S_τ)
         if group.get(KEEP) is not None:
             # Budget mode: the smallest τ (at most the one above) that leaves KEEP gates alive.

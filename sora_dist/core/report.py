@@ -7,6 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..backends.fsdp2 import whole
 from ..backends.zero import gathered
 from .inject import sora_modules
 
@@ -91,7 +92,7 @@ def sparsity_report(model: nn.Module, r_max: int | None = None) -> SparsityRepor
     found, counts = [], []
     for name, module in sora_modules(model):
         with gathered([module.gate]):
-            counts.append((module.gate.detach() != 0).sum())
+            counts.append((whole(module.gate.detach()) != 0).sum())
             found.append((name, module, module.rank))
     lives = torch.stack([c.to(counts[0].device) for c in counts]).tolist() if counts else []  # one host sync
     return SparsityReport([ModuleSparsity(name, m.in_features, m.out_features, r_max or rank, int(live))

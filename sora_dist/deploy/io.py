@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..backends.linear import declared_features, is_conv1d
+from ..backends.fsdp2 import whole
 from ..backends.zero import gathered
 from ..core.config import SoRAConfig
 from ..core.inject import inject_sora, sora_modules
@@ -118,17 +119,17 @@ def extra_trainable_names(model: nn.Module) -> list[str]:
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every SoRA tensor and every other trainable tensor, full (gathered under ZeRO-3), on CPU."""
+    """Every SoRA tensor and every other trainable tensor, full (gathered under ZeRO-3 and FSDP2), on CPU."""
     tensors = {}
     for name, module in sora_modules(model):
         params = [module.lora_A, module.lora_B, module.gate]
         with gathered(params):
             for key, param in zip(("lora_A", "lora_B", "gate"), params):
-                tensors[f"{name}.{key}"] = param.detach().to("cpu", copy=True).contiguous()
+                tensors[f"{name}.{key}"] = whole(param.detach()).to("cpu", copy=True).contiguous()
     params = dict(model.named_parameters())
     for name in extra_trainable_names(model):
         with gathered([params[name]]):
-            tensors[name] = params[name].detach().to("cpu", copy=True).contiguous()
+            tensors[name] = whole(params[name].detach()).to("cpu", copy=True).contiguous()
     return tensors
 
 
@@ -150,7 +151,7 @@ def adapter_metadata(model: nn.Module, extra: dict | None = None) -> dict:
 def save_sora(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write the adapter of ``model`` to the folder ``path``, atomically.
 
-    Under ZeRO-3 every rank must call this (the tensors are gathered); only rank 0 writes.
+    Under ZeRO-3 and FSDP2 every rank must call this (the tensors are gathered); only rank 0 writes.
     """
     config = getattr(model, "sora_config", None)
     if config is None:

@@ -38,6 +38,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ..backends.fsdp2 import whole
 from ..backends.zero import gathered
 from ..core.inject import sora_modules
 from ..core.optim import last_lambda, set_lambda
@@ -158,7 +159,7 @@ def gate_lr_for_budget(model: nn.Module, lr_factors: Sequence[float], by_step: i
     magnitude = count = 0.0
     for _, module in sora_modules(model):
         with gathered([module.gate]):
-            magnitude += float(module.gate.detach().abs().sum())
+            magnitude += float(whole(module.gate.detach()).abs().sum())
             count += module.gate.numel()
     if not count:
         raise ValueError("the model has no SoRA modules; call inject_sora first")

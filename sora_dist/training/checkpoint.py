@@ -16,7 +16,7 @@ from .batches import ShardedBatches
 from .config import TrainConfig
 
 
-def save_checkpoint(accelerator, model, output_dir: str | os.PathLike, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, model, output_dir: str | os.PathLike, state: dict, keep: int, optimizer=None) -> Path:
     """Write the backend checkpoint plus our state into a temporary folder, then rename it.
 
     Every rank calls this (DeepSpeed writes a shard per rank); rank 0 renames once all are done,
@@ -29,7 +29,7 @@ def save_checkpoint(accelerator, model, output_dir: str | os.PathLike, state: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    engine.save_state(accelerator, model, tmp)
+    engine.save_state(accelerator, model, tmp, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # The adapter's description, so that sora-merge / sora-export can read this checkpoint.
@@ -57,7 +57,7 @@ def run_state(step: int, lambdas: LambdaController, batches: ShardedBatches, acc
     }
 
 
-def resume(path: Path, accelerator, model, lambdas: LambdaController, batches: ShardedBatches, config: TrainConfig) -> int:
+def resume(path: Path, accelerator, model, lambdas: LambdaController, batches: ShardedBatches, config: TrainConfig, optimizer=None) -> int:
     """Load a checkpoint written by :func:`save_checkpoint`; returns the step to continue from."""
     state = json.loads((path / STATE_NAME).read_text())
     current = run_state(0, lambdas, batches, accelerator, config)
@@ -68,6 +68,6 @@ def resume(path: Path, accelerator, model, lambdas: LambdaController, batches: S
                 "Use the same data, seed, number of processes and global batch (micro_batch_size x grad_accum x "
                 "processes), or start a fresh output_dir"
             )
-    engine.load_state(accelerator, model, path)
+    engine.load_state(accelerator, model, path, optimizer)
     lambdas.load_state_dict(state["lambda_schedule"])
     return int(state["step"])

@@ -95,7 +95,10 @@ def generated_accuracy(model: nn.Module, examples: Sequence[dict], tokenizer, ba
     """Generated-answer accuracy over every rank's share."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    synced = is_deepspeed_zero3_enabled() and accelerator.num_processes > 1
+    from ..backends.accelerate import uses_fsdp2
+
+    # Sharded parameters are gathered by every rank's forward: all ranks run as many forwards as the longest.
+    synced = (is_deepspeed_zero3_enabled() or uses_fsdp2(accelerator)) and accelerator.num_processes > 1
     bare = accelerator.unwrap_model(model)
     correct = counted = 0.0
     for chunk, weights in shard_batches(examples, batch_size, accelerator.process_index, accelerator.num_processes):

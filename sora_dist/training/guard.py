@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.fsdp2 import canonical_name
+
+from ..core.optim import local_tensor
 from ..deploy.layout import latest_checkpoint
 from .config import TrainConfig
 
@@ -24,7 +27,7 @@ class FiniteGuard:
     def __init__(self, accelerator, config: TrainConfig, model=None):
         self.accelerator, self.config = accelerator, config
         self.first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
-        self.trained = [(name.removeprefix("module."), p) for name, p in model.named_parameters() if p.requires_grad] if model is not None else []
+        self.trained = [(canonical_name(name), p) for name, p in model.named_parameters() if p.requires_grad] if model is not None else []
 
     def observe(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss.detach())
@@ -66,8 +69,8 @@ class FiniteGuard:
 
 
 def local_part(param: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of ``param``: its ZeRO-3 partition, or the tensor itself."""
-    return getattr(param, "ds_tensor", param).detach()
+    """What this rank holds of ``param``: its ZeRO-3 partition, its FSDP2 block of rows, or the tensor itself."""
+    return local_tensor(getattr(param, "ds_tensor", param).detach())
 
 
 def guard_due(step: int, config: TrainConfig, evaluating: bool) -> bool:

@@ -69,7 +69,7 @@ def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, config: Tra
         raise TypeError(f"prepare() needs a SoRAOptimizer (the gates are updated inside its step()), got {type(optimizer).__name__}")
     if config.normalize_factors and engine.zero_stage(accelerator) == 3:
         raise ValueError("train.normalize_factors: not available under ZeRO-3 (each parameter is partitioned on its own); use ZeRO-2")
-    mark_sharded(optimizer, bool(engine.zero_stage(accelerator)))
+    mark_sharded(optimizer, bool(engine.zero_stage(accelerator)) or engine.uses_fsdp2(accelerator))
     model, wrapped = engine.prepare(accelerator, model, optimizer, config.micro_batch_size, config.max_grad_norm)
     stepped = engine.client_optimizer(wrapped)
     backend = engine.backend_name(accelerator)
@@ -84,7 +84,7 @@ def prepare(accelerator, model: nn.Module, optimizer: SoRAOptimizer, config: Tra
             f"the {backend} backend replaced the SoRA optimizer by {type(stepped).__name__}; the gates would never "
             'be thresholded. With ZeRO-Offload set "zero_force_ds_cpu_optimizer": false in the DeepSpeed config'
         )
-    if not gate_shard_numel(wrapped, stepped):
+    if not gate_shard_numel(wrapped, stepped) and not engine.uses_fsdp2(accelerator):  # FSDP2: a rank may hold no gate row
         raise RuntimeError(
             f"the {backend} backend gives the SoRA optimizer no gate to step on rank {accelerator.process_index}: "
             f"its gate group ({GATE_FLAG}=True) is missing or empty"
@@ -206,7 +206,7 @@ def train(
     step = 0
     found = latest_checkpoint(config.output_dir) if config.output_dir and config.resume else None
     if found is not None:
-        step = resume(found, accelerator, model, lambdas, batches, config)
+        step = resume(found, accelerator, model, lambdas, batches, config, wrapped)
         if accelerator.is_main_process:
             print(f"resumed from {found} at step {step}", flush=True)
     progress = Progress(accelerator, config, step, step_offset)
@@ -228,7 +228,8 @@ def train(
                 progress.record(step, "eval", evaluate(model))
                 progress.heatmap(model, step)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
-                save_checkpoint(accelerator, model, config.output_dir, run_state(step, lambdas, batches, accelerator, config), config.keep_checkpoints)
+                save_checkpoint(accelerator, model, config.output_dir, run_state(step, lambdas, batches, accelerator, config), config.keep_checkpoints,
+                                wrapped)  # fmt: skip
             if on_step is not None:
                 on_step(step, model, wrapped)
         if evaluate is not None:
