@@ -269,6 +269,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), raw: 
     if config.sparsity_budget is not None:
         check_budget(config)
     check_optimizer_choice(config)
+    check_engine(config)
     check_trackers(config.train.report_to)
     if config.train.output_dir:
         check_output_dir(config.train.output_dir)
@@ -295,6 +296,24 @@ def check_optimizer_choice(config: RunConfig) -> None:
         check_optimizer(config.train.optimizer, offloads_optimizer(launch_ds_config(config.distributed.deepspeed_config)))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_engine(config: RunConfig) -> None:
+    """What does not run under FSDP2 (``accelerate launch`` with ``distributed_type: FSDP``), said
+    before anything loads."""
+    from .backends import fsdp2
+    from .backends.optimizers import BITSANDBYTES
+
+    if not fsdp2.requested():
+        return
+    if config.train.optimizer in BITSANDBYTES:
+        raise ConfigError(f"train.optimizer: {config.train.optimizer} does not run under FSDP2 (bitsandbytes' optimizers cannot "
+                          "step FSDP2's sharded DTensor parameters): use adamw_torch or adamw_torch_fused, or DeepSpeed")  # fmt: skip
+    if config.sparsity_schedule is not None:
+        raise ConfigError("sparsity_schedule: not available under FSDP2 (each stage prunes and re-wraps the model): "
+                          "run the schedule with DDP or DeepSpeed (launch/zero2.yaml)")  # fmt: skip
+    if config.distributed.deepspeed_config is not None:
+        raise ConfigError("distributed.deepspeed_config: given while accelerate launch runs FSDP: choose one engine")
 
 
 def check_budget(config: RunConfig) -> None:

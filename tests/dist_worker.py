@@ -31,6 +31,8 @@ BACKENDS = {
     "zero3_offload": "zero3_offload.json",
     "zero3_4bit": "zero3_4bit.json",
     "fsdp2": None,
+    "fsdp2_4bit": None,
+    "single_4bit": None,
 }
 # What `accelerate launch --config_file launch/fsdp2.yaml` exports (its fsdp_config), for torchrun here.
 FSDP2_ENV = {
@@ -190,6 +192,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--record-grads", action="store_true", help="write the first step's gradients to rank<r>_grads.safetensors")
     p.add_argument("--normalize-factors", action="store_true", help="train.normalize_factors: move each rank's scale into its gate")
     p.add_argument("--gate-l1", type=float, default=0.0, help="train.gate_l1: the L1 term of the released code")
+    p.add_argument("--gate-update", default="prox_adam", help="train.gate_update: prox_adam | prox_sgd")
+    p.add_argument("--threshold", default="lr_scaled", help="train.threshold: lr_scaled | fixed")
+    p.add_argument("--save-adapter-at", type=int, default=0, help="also save the adapter (save_sora) to --out/adapter-<step> after this step")
+    p.add_argument("--budget", type=float, default=0.0, help="budget mode: this many live ranks by the last step (lambda_max 4)")
     return p.parse_args()
 
 
@@ -209,7 +215,7 @@ def main() -> None:
     from sora_dist.training.config import TrainConfig
     from sora_dist.training.loop import gate_shard_numel, train
 
-    if args.backend == "fsdp2":
+    if args.backend.startswith("fsdp2"):
         os.environ.update(FSDP2_ENV)
     ds_config = BACKENDS[args.backend] and engine.load_ds_config(REPO / "ds_configs" / BACKENDS[args.backend])
     for option in args.zero_option:
@@ -217,7 +223,7 @@ def main() -> None:
         ds_config["zero_optimization"][key] = int(value)
     accelerator = engine.build_accelerator(ds_config, args.mixed_precision, args.grad_accum)
     rank, world = accelerator.process_index, accelerator.num_processes
-    four_bit = args.backend == "zero3_4bit"
+    four_bit = args.backend.endswith("_4bit")
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     model = load_model(args.model, "causal_lm", dtype, "4bit" if four_bit else "none", compute_dtype=dtype)
     q_proj = model.model.layers[0].self_attn.q_proj
@@ -248,6 +254,8 @@ def main() -> None:
         max_grad_norm=args.max_grad_norm,
         normalize_factors=args.normalize_factors,
         gate_l1=args.gate_l1,
+        gate_update=args.gate_update,
+        threshold=args.threshold,
         seed=SEED,
         output_dir=str(Path(args.out) / "train"),
         save_every=args.save_every,
@@ -256,6 +264,10 @@ def main() -> None:
     per_step, step_times, cpu_times, tick = [], [], [], [time.perf_counter(), time.process_time()]
 
     def on_step(step, model, optimizer):
+        if step == args.save_adapter_at:
+            from sora_dist.deploy.io import save_sora
+
+            save_sora(accelerator.unwrap_model(model), Path(args.out) / f"adapter-{step}")
         if args.count_collectives:
             per_step.append(counter.take())
             if step == 1:
@@ -264,6 +276,10 @@ def main() -> None:
             base = accelerator.unwrap_model(model).model.layers[0].self_attn.q_proj.base
             facts["base_local_numel_in_training"] = base.weight.data.numel()
             facts["base_shard_numel_in_training"] = getattr(base.weight, "ds_tensor", base.weight).numel()
+            if hasattr(base.weight, "to_local"):  # FSDP2: this rank's block of rows
+                facts["base_shard_numel_in_training"] = base.weight.to_local().numel()
+            facts["base_weight_type"] = type(base.weight).__name__
+            facts["base_weight_dtype"] = str(base.weight.dtype)
         now = [time.perf_counter(), time.process_time()]
         step_times.append(now[0] - tick[0])
         cpu_times.append(now[1] - tick[1])
@@ -290,7 +306,12 @@ def main() -> None:
         model, optimizer = lora_loop(model, data, config, accelerator, on_step, counter)
     else:
         counter.active = True
-        model, optimizer = train(model, data, config, accelerator, on_step=on_step, collate_fn=collate)
+        lambdas = None
+        if args.budget:
+            from sora_dist.sparsity.budget import BudgetController
+
+            lambdas = BudgetController(model, args.budget, args.steps, lambda_max=4.0)
+        model, optimizer = train(model, data, config, accelerator, on_step=on_step, collate_fn=collate, lambdas=lambdas)
     counter.active = False
     facts["memory"] = model_state_bytes(accelerator.unwrap_model(model), optimizer)
     facts["step_times"] = step_times

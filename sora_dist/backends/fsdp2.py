@@ -31,7 +31,7 @@ CHECKPOINT_SUBDIR = "fsdp2"  # DCP files of a checkpoint written under FSDP2
 SCALARS_NAME = "optimizer_scalars.json"  # optimizer state that is not a tensor (e.g. an int step count)
 RNG_NAME = "rng_state_{rank}.pkl"
 MODEL_KEY, OPTIM_KEY = "model/", "optim/"
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def requested() -> bool:
@@ -95,9 +95,10 @@ def row_offset(tensor: torch.Tensor) -> int:
 
 
 def canonical_name(name: str) -> str:
+    """A parameter's name in the unwrapped model (without activation-checkpointing, compile or DDP wrappers)."""
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
-    return name
+    return name.removeprefix("module.")
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -60,9 +60,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing and torch.compile wrappers
+
+
 def sora_modules(model: nn.Module) -> Iterator[tuple[str, SoRALinear]]:
+    """(name, module) of every SoRA module; names as in the unwrapped model, so that an adapter saved
+    under activation-checkpointing or compile wrappers applies to the plain base model."""
     for name, module in model.named_modules():
         if isinstance(module, SoRALinear):
+            for wrapper in WRAPPER_NAMES:
+                name = name.replace(wrapper, "")
             yield name, module
 
 

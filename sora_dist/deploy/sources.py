@@ -2,8 +2,9 @@
 
 Accepted: an adapter folder (``save_sora``); a run's output folder (its final ``adapter/``, else
 its newest checkpoint); a training checkpoint folder of any backend. From a DeepSpeed ZeRO-1/2/3
-checkpoint only the trainable (adapter) tensors are consolidated from the fp32 optimizer shards;
-the frozen model is never assembled.
+checkpoint only the trainable (adapter) tensors are consolidated from the fp32 optimizer shards,
+from an FSDP2 checkpoint (torch.distributed.checkpoint) they are read whole in one process; the
+frozen model is never assembled.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import fsdp2
 from .io import CONFIG_NAME, WEIGHTS_NAME, check_tensors, read_adapter, read_metadata, read_tensors
 from .layout import ADAPTER_DIR, CHECKPOINT_DIR, complete_checkpoints
 
@@ -49,7 +51,7 @@ def wanted_names(meta: dict) -> list[str]:
 
 def checkpoint_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """The adapter tensors of a checkpoint folder, from DeepSpeed shards or a plain model file."""
-    state = _deepspeed_trainable(path)
+    state = fsdp2.read_trainable(path) if fsdp2.is_checkpoint(path) else _deepspeed_trainable(path)
     if state is None:
         files = sorted(path.glob("model*.safetensors"))
         if not files:

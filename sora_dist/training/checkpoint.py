@@ -61,13 +61,20 @@ def resume(path: Path, accelerator, model, lambdas: LambdaController, batches: S
     """Load a checkpoint written by :func:`save_checkpoint`; returns the step to continue from."""
     state = json.loads((path / STATE_NAME).read_text())
     current = run_state(0, lambdas, batches, accelerator, config)
-    for key in ("global_batch_size", "dataset_size", "seed", "world_size"):
+    # FSDP2's checkpoint is resharded by DCP onto any number of processes; the examples of each step
+    # depend only on the global batch (training/batches.py), so there only the global batch must match.
+    reshardable = state.get("backend") == current["backend"] == "fsdp2"
+    keys = ("global_batch_size", "dataset_size", "seed") + (() if reshardable else ("world_size",))
+    for key in keys:
         if state[key] != current[key]:
             raise ValueError(
                 f"{path / STATE_NAME}: cannot resume exactly: {key} was {state[key]} but is now {current[key]}. "
                 "Use the same data, seed, number of processes and global batch (micro_batch_size x grad_accum x "
                 "processes), or start a fresh output_dir"
             )
+    if reshardable and state["world_size"] != current["world_size"] and accelerator.is_main_process:
+        print(f"resuming on {current['world_size']} processes from a checkpoint of {state['world_size']}: the sharded state is "
+              "redistributed; the same examples per step, but dropout draws other random numbers", flush=True)  # fmt: skip
     engine.load_state(accelerator, model, path, optimizer)
     lambdas.load_state_dict(state["lambda_schedule"])
     return int(state["step"])
