@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..backends.linear import declared_features, is_conv1d
 from ..backends.fsdp2 import whole
+from ..backends.linear import declared_features, is_conv1d
 from ..backends.zero import gathered
 from ..core.config import SoRAConfig
 from ..core.inject import inject_sora, sora_modules

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ..backends.fsdp2 import canonical_name
-
 from ..core.optim import local_tensor
 from ..deploy.layout import latest_checkpoint
 from .config import TrainConfig
