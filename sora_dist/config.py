@@ -314,6 +314,10 @@ def check_engine(config: RunConfig) -> None:
                           "run the schedule with DDP or DeepSpeed (launch/zero2.yaml)")  # fmt: skip
     if config.distributed.deepspeed_config is not None:
         raise ConfigError("distributed.deepspeed_config: given while accelerate launch runs FSDP: choose one engine")
+    if fsdp2.recomputes_without_rng() and config.sora.dropout > 0:
+        raise ConfigError(f"sora.dropout: {config.sora.dropout:g} with fsdp_activation_checkpointing: true, whose recomputation draws "
+                          "other dropout masks than the forward (wrong gradients): set model.gradient_checkpointing: true "
+                          "and fsdp_activation_checkpointing: false instead, or sora.dropout: 0")  # fmt: skip
 
 
 def check_budget(config: RunConfig) -> None:

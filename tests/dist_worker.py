@@ -195,6 +195,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gate-update", default="prox_adam", help="train.gate_update: prox_adam | prox_sgd")
     p.add_argument("--threshold", default="lr_scaled", help="train.threshold: lr_scaled | fixed")
     p.add_argument("--save-adapter-at", type=int, default=0, help="also save the adapter (save_sora) to --out/adapter-<step> after this step")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing (transformers' own, RNG preserved)")
     p.add_argument("--budget", type=float, default=0.0, help="budget mode: this many live ranks by the last step (lambda_max 4)")
     return p.parse_args()
 
@@ -235,6 +236,8 @@ def main() -> None:
         "base_local_numel_at_load": q_proj.weight.data.numel(),
         "base_is_4bit": type(q_proj).__name__ == "Linear4bit",
     }
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(SEED)
     inject_sora(model, SoRAConfig(r=args.adapter_rank, alpha=2.0 * args.adapter_rank, dropout=args.dropout), verbose=False)
     if args.lora:
@@ -278,6 +281,7 @@ def main() -> None:
             facts["base_shard_numel_in_training"] = getattr(base.weight, "ds_tensor", base.weight).numel()
             if hasattr(base.weight, "to_local"):  # FSDP2: this rank's block of rows
                 facts["base_shard_numel_in_training"] = base.weight.to_local().numel()
+            facts["activation_checkpointing"] = any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
             facts["base_weight_type"] = type(base.weight).__name__
             facts["base_weight_dtype"] = str(base.weight.dtype)
         now = [time.perf_counter(), time.process_time()]

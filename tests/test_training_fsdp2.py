@@ -140,6 +140,18 @@ def test_killed_fsdp2_run_resumes_bit_exact_and_merges_from_its_checkpoint(dist_
     assert_close(Result(other).adapter, Result(tmp_path / "straight_nodrop").adapter, FP32_ATOL, "resumed on 1 process vs 2")
 
 
+def test_gradient_checkpointing_under_fsdp2_keeps_the_dropout_masks(dist_model_dir, tmp_path):
+    """model.gradient_checkpointing (transformers' own, which restores the random state before recomputing)
+    with dropout 0.1 trains bit-identically to the same FSDP2 run without it. (Accelerate's
+    fsdp_activation_checkpointing recomputes with fresh random numbers, so it is refused with dropout.)"""
+    common = ("--backend", "fsdp2", "--dropout", "0.1")
+    launch(tmp_path / "plain", dist_model_dir, *common)
+    launch(tmp_path / "recompute", dist_model_dir, *common, "--gradient-checkpointing")
+    plain, recompute = Result(tmp_path / "plain"), Result(tmp_path / "recompute")
+    for key, value in plain.tensors[0].items():
+        assert torch.equal(recompute.tensors[0][key], value), f"{key} differs with gradient checkpointing"
+
+
 def test_cli_accelerate_launch_fsdp2_yaml_matches_one_process(dist_model_dir, tmp_path):
     """The user path: `accelerate launch --config_file launch/fsdp2.yaml --num_processes 2 -m sora_dist.cli
     train run.yaml` on the CPU (fp32 here: --mixed_precision no) trains the 1-process adapter."""
@@ -172,6 +184,8 @@ def test_cli_accelerate_launch_fsdp2_yaml_matches_one_process(dist_model_dir, tm
     [
         ({"FSDP_VERSION": "1"}, {}, "FSDP version 1 (fsdp_version: 1 in the Accelerate config) is not supported"),
         ({"FSDP_VERSION": "2"}, {"optimizer": "adamw_8bit"}, "train.optimizer: adamw_8bit does not run under FSDP2"),
+        ({"FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, {}, "sora.dropout: 0.1 with fsdp_activation_checkpointing: true"),
+        ({"FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, {}, "fsdp_offload_params: true moves sharded state from the GPU"),
     ],
 )
 def test_what_fsdp_cannot_run_is_one_line_before_the_model_loads(env, train, wanted, tmp_path):

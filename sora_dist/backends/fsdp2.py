@@ -51,6 +51,12 @@ def check_request(use_deepspeed: bool) -> None:
         raise ValueError("both FSDP (ACCELERATE_USE_FSDP) and a DeepSpeed config were given: choose one engine")
 
 
+def recomputes_without_rng() -> bool:
+    """Accelerate's FSDP2 activation checkpointing wraps each layer with ``preserve_rng_state=False``:
+    the backward recomputation draws new dropout masks, unlike the forward's."""
+    return os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+
+
 def use_on_cpu(accelerator) -> None:
     """Turn the CPU (gloo) Accelerator into an FSDP2 one (CPU only).
 
@@ -61,6 +67,9 @@ def use_on_cpu(accelerator) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise ValueError("fsdp_offload_params: true moves sharded state from the GPU to CPU memory; without a GPU it already is "
+                         "there and FSDP2's offload cannot run: set fsdp_offload_params: false")  # fmt: skip
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
