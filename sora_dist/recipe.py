@@ -228,7 +228,8 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         evaluate = None
         if val_set is not None:
             evaluate = make_evaluator(cfg.model.task, val_set, collate, cfg.data.eval_batch_size, accelerator,
-                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens)
+                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens,
+                                      cfg.train.loss_chunk_tokens)
         cfg = resolve(cfg, model, main)
         # Trackers write into output_dir, so they start once nothing of the start-up can fail any
         # more (a refused run leaves its folder as it was); packages and network were checked at load.
@@ -244,7 +245,8 @@ def run_training(cfg: RunConfig, output_dir: str | Path) -> dict:
         else:
             subset = train_set.select(range(min(cfg.sparsity_schedule.train_subset, len(train_set))))
             memorize = make_evaluator(cfg.model.task, subset, collate, cfg.data.eval_batch_size, accelerator,
-                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens)
+                                      tokenizer, labels or 2, cfg.data.eval_generate_tokens,
+                                      cfg.train.loss_chunk_tokens)
             model, stages = run_stages(model, rows, cfg.train, cfg.sparsity_schedule, accelerator, evaluate, memorize,
                                        output_dir, collate_fn=collate_rows, lengths=lengths)  # fmt: skip
         report = sparsity_report(accelerator.unwrap_model(model))

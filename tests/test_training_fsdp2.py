@@ -179,6 +179,36 @@ def test_cli_accelerate_launch_fsdp2_yaml_matches_one_process(dist_model_dir, tm
     assert_close(adapter, Result(tmp_path / "one").adapter, FP32_ATOL, "accelerate launch fsdp2.yaml vs one process")
 
 
+def test_fsdp2_evaluation_equals_one_process(tiny_model_dir, tmp_path):
+    """sora-train's evaluation under FSDP2 (2 processes: every rank's forwards gather the sharded layers, and
+    generation runs in lockstep) gives the 1-process run's held-out loss and generated-answer accuracy."""
+    from helpers import write_config
+
+    from sora_dist.cli import run, train_main
+
+    config = write_config(tmp_path, tiny_model_dir, steps=4, eval_every=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["sora"]["dropout"] = 0.0
+    raw["data"]["eval_generate_tokens"] = 4
+    raw["data"]["eval_batch_size"] = 2  # 6 validation rows: 3 batches on one process, uneven over two
+    config.write_text(yaml.safe_dump(raw))
+    assert run(train_main, [str(config), "--set", f"train.output_dir={tmp_path / 'one'}"]) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", "launch/fsdp2.yaml", "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", "0", "-m", "sora_dist.cli", "train", str(config),
+           "--set", "train.micro_batch_size=2", "--set", f"train.output_dir={tmp_path / 'two'}"]  # fmt: skip
+    run_command(cmd)
+
+    def evaluations(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [row for row in rows if "eval_loss" in row]
+
+    one, two = evaluations(tmp_path / "one"), evaluations(tmp_path / "two")
+    assert [row["step"] for row in two] == [row["step"] for row in one] == [2, 4]
+    for a, b in zip(one, two):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["generated_accuracy"] == a["generated_accuracy"]
+
+
 @pytest.mark.parametrize(
     ("env", "train", "wanted"),
     [

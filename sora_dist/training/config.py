@@ -41,6 +41,10 @@ class TrainConfig:
     warmup_steps: int = option(0, "linear warm-up steps of both learning rates")
     lr_decay: str = option("linear", "constant | linear | cosine decay after warm-up")
     max_grad_norm: float = option(1.0, "global gradient-norm clipping (0 = off)")
+    loss_chunk_tokens: int = option(
+        4096, "causal LM: the output layer and cross-entropy run on this many labelled tokens at a time, so full-vocabulary "
+        "logits never exist (training and evaluation; exact); 0 = plain logits"
+    )
     optimizer: str = option(
         "adamw_torch",
         "inner optimizer of A and B (and Adam gates): adamw_torch | adamw_torch_fused | adamw_8bit | paged_adamw_8bit | "
@@ -78,7 +82,7 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{key}: must be a finite number in [0, {FLOAT32_MAX:.2e}] (float32), got {value}")
         if not (math.isfinite(self.epochs) and self.epochs >= 0):
             raise ConfigError(f"TrainConfig.epochs: must be a finite number >= 0, got {self.epochs}")
-        for key in ("save_every", "log_every", "eval_every", "lambda_steps"):
+        for key in ("save_every", "log_every", "eval_every", "lambda_steps", "loss_chunk_tokens"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"TrainConfig.{key}: must be >= 0, got {getattr(self, key)}")
         choice("TrainConfig.lr_decay", self.lr_decay, LR_DECAYS)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..backends import accelerate as engine
 from ..data.formats import IGNORE
+from .chunked_loss import DEFAULT_CHUNK_TOKENS, row_token_losses
 from .loop import token_losses
 from .metrics import classification_metrics, pearson
 
@@ -39,15 +40,15 @@ def _sum_over_ranks(accelerator, values: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def lm_loss(model: nn.Module, examples: Sequence[dict], collate_fn, batch_size: int, accelerator) -> dict:
-    """Token-weighted mean loss over the labelled tokens of every rank's share, and its perplexity."""
+def lm_loss(model: nn.Module, examples: Sequence[dict], collate_fn, batch_size: int, accelerator, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+    """Token-weighted mean loss over the labelled tokens of every rank's share, and its perplexity
+    (chunked as in training: no full-vocabulary logits)."""
     total, tokens = 0.0, 0.0
     for chunk, weights in shard_batches(examples, batch_size, accelerator.process_index, accelerator.num_processes):
         batch = engine.to_device(collate_fn(chunk), accelerator)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
-        weight = torch.tensor(weights, device=logits.device)
-        total += float((token_losses(logits, batch["labels"]) * weight).sum())
+        losses = row_token_losses(model, batch, chunk_tokens, token_losses)
+        weight = torch.tensor(weights, device=losses.device)
+        total += float((losses * weight).sum())
         tokens += float(((batch["labels"][:, 1:] != IGNORE).sum(-1) * weight).sum())
     total, tokens = _sum_over_ranks(accelerator, [total, tokens])
     mean = total / max(tokens, 1.0)
@@ -150,7 +151,8 @@ def classification(model: nn.Module, examples: Sequence[dict], collate_fn, batch
 
 
 def make_evaluator(task: str, examples: Sequence[dict], collate_fn, batch_size: int, accelerator,
-                   tokenizer=None, num_labels: int = 2, generate_tokens: int = 0) -> Callable[[nn.Module], dict]:  # fmt: skip
+                   tokenizer=None, num_labels: int = 2, generate_tokens: int = 0,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Callable[[nn.Module], dict]:  # fmt: skip
     """The ``evaluate(model) -> metrics`` callback of :func:`sora_dist.training.loop.train`."""
 
     def evaluate(model: nn.Module) -> dict:
@@ -159,7 +161,7 @@ def make_evaluator(task: str, examples: Sequence[dict], collate_fn, batch_size: 
         try:
             if task == "sequence_classification":
                 return classification(model, examples, collate_fn, batch_size, accelerator, num_labels)
-            metrics = lm_loss(model, examples, collate_fn, batch_size, accelerator)
+            metrics = lm_loss(model, examples, collate_fn, batch_size, accelerator, chunk_tokens)
             if generate_tokens:
                 metrics.update(generated_accuracy(model, examples, tokenizer, batch_size, generate_tokens, accelerator))
             return metrics

@@ -34,6 +34,7 @@ from ..sparsity.controller import LambdaController
 from ..sparsity.schedule import LambdaSchedule
 from .batches import ShardedBatches
 from .checkpoint import resume, run_state, save_checkpoint
+from .chunked_loss import DEFAULT_CHUNK_TOKENS, row_token_losses
 from .config import TrainConfig
 from .guard import FiniteGuard, guard_due
 from .lr import set_learning_rates
@@ -128,10 +129,10 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.view(shifted.shape).sum(-1)
 
 
-def summed_token_loss(model, batch: dict) -> torch.Tensor:
-    """Sum of the next-token cross-entropy over the labelled tokens of ``batch``."""
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    return token_losses(model(**inputs, use_cache=False).logits, batch["labels"]).sum()
+def summed_token_loss(model, batch: dict, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over the labelled tokens of ``batch`` (chunked: no
+    full-vocabulary logits, training/chunked_loss.py; ``chunk_tokens`` 0: from the logits)."""
+    return row_token_losses(model, batch, chunk_tokens, token_losses).sum()
 
 
 def optimizer_step(model, optimizer, batches: ShardedBatches, step: int, accelerator, config: TrainConfig) -> torch.Tensor:
@@ -157,7 +158,7 @@ def optimizer_step(model, optimizer, batches: ShardedBatches, step: int, acceler
                     "build the Accelerator with gradient_accumulation_steps=TrainConfig.grad_accum and call "
                     "accelerator.accumulate() nowhere else"
                 )
-            loss = model(**batch).loss if scale is None else summed_token_loss(model, batch) * scale
+            loss = model(**batch).loss if scale is None else summed_token_loss(model, batch, config.loss_chunk_tokens) * scale
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 engine.clip_gradients(accelerator, model, config.max_grad_norm)
