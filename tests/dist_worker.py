@@ -196,7 +196,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threshold", default="lr_scaled", help="train.threshold: lr_scaled | fixed")
     p.add_argument("--save-adapter-at", type=int, default=0, help="also save the adapter (save_sora) to --out/adapter-<step> after this step")
     p.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing (transformers' own, RNG preserved)")
-    p.add_argument("--loss-chunk-tokens", type=int, default=4096, help="train.loss_chunk_tokens (0: the loss from full logits)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=None, help="train.loss_chunk_tokens (0: the loss from full logits)")
     p.add_argument("--budget", type=float, default=0.0, help="budget mode: this many live ranks by the last step (lambda_max 4)")
     return p.parse_args()
 

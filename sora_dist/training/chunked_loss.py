@@ -27,7 +27,15 @@ from torch import nn
 
 from ..data.formats import IGNORE
 
-DEFAULT_CHUNK_TOKENS = 4096
+DEFAULT_CHUNK_TOKENS = None  # sized from the vocabulary: about CHUNK_LOGITS logits per chunk
+CHUNK_LOGITS = 2**26  # 64M fp32 values, 256 MB per buffer: 1,365 tokens of a 49k vocabulary, 256 of a 262k one
+
+
+def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_tokens`` when given, else about CHUNK_LOGITS logits' worth (64 to 8192)."""
+    if chunk_tokens is not None:
+        return chunk_tokens
+    return max(64, min(8192, CHUNK_LOGITS // max(vocab, 1)))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -46,17 +54,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, picked.shape[0], chunk_tokens):
             h = picked[start : start + chunk_tokens]
             y = wanted[start : start + chunk_tokens]
-            raw = F.linear(h, weight, bias).float()
-            logits = softcap * torch.tanh(raw / softcap) if softcap else raw
+            # Two (chunk x vocabulary) fp32 buffers at a time (three with a softcap): logits, log-probabilities.
+            logits = F.linear(h, weight, bias).float()
+            if softcap:
+                capped = logits.div_(softcap).tanh_()  # tanh(z / cap), in place: the linear's output is ours
+                logits = capped * softcap
             log_probs = torch.log_softmax(logits, dim=-1)
+            del logits
             token_loss = -log_probs.gather(1, y[:, None]).squeeze(1)
             losses.index_add_(0, rows[start : start + chunk_tokens], token_loss)
             if need_grad:
                 grad = log_probs.exp_()  # softmax, in place of the log-probabilities
                 grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 if softcap:
-                    grad.mul_(1.0 - (logits / softcap).square_())
+                    grad.mul_(capped.square_().neg_().add_(1.0))  # d(cap * tanh(z / cap)) / dz = 1 - tanh²
                 grad_picked[start : start + chunk_tokens] = (grad.to(weight.dtype) @ weight).to(picked.dtype)
+            del log_probs
         ctx.save_for_backward(grad_picked, rows, positions)
         ctx.shape = (batch, length, width)
         return losses
@@ -89,11 +102,11 @@ def bare_model(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def chunked_output(model: nn.Module, labels: torch.Tensor, chunk_tokens: int):
+def chunked_output(model: nn.Module, labels: torch.Tensor, chunk_tokens: int | None):
     """For one call of ``model``: its ``logits`` are the per-row summed token losses (shape (batch,)).
     Yields False (and changes nothing) when the model's output layer does not allow it."""
     bare = bare_model(model)
-    head = output_layer(bare) if chunk_tokens > 0 else None
+    head = output_layer(bare) if chunk_tokens != 0 else None
     if head is None:
         yield False
         return
@@ -103,7 +116,7 @@ def chunked_output(model: nn.Module, labels: torch.Tensor, chunk_tokens: int):
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[1] != labels.shape[1]:
             raise RuntimeError(f"chunked loss: the output layer saw {hidden.shape[1]} positions, the labels have {labels.shape[1]}")
-        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_tokens, softcap)
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_size(chunk_tokens, head.out_features), softcap)
 
     head.forward = forward
     if softcap is not None:
@@ -116,7 +129,7 @@ def chunked_output(model: nn.Module, labels: torch.Tensor, chunk_tokens: int):
             config.final_logit_softcapping = softcap
 
 
-def row_token_losses(model: nn.Module, batch: dict, chunk_tokens: int, plain) -> torch.Tensor:
+def row_token_losses(model: nn.Module, batch: dict, chunk_tokens: int | None, plain) -> torch.Tensor:
     """Per-row sums of the next-token cross-entropy over the labelled tokens of ``batch``: chunked
     where the model allows it, else ``plain(logits, labels)``."""
     inputs = {key: value for key, value in batch.items() if key != "labels"}

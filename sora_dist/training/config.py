@@ -41,9 +41,10 @@ class TrainConfig:
     warmup_steps: int = option(0, "linear warm-up steps of both learning rates")
     lr_decay: str = option("linear", "constant | linear | cosine decay after warm-up")
     max_grad_norm: float = option(1.0, "global gradient-norm clipping (0 = off)")
-    loss_chunk_tokens: int = option(
-        4096, "causal LM: the output layer and cross-entropy run on this many labelled tokens at a time, so full-vocabulary "
-        "logits never exist (training and evaluation; exact); 0 = plain logits"
+    loss_chunk_tokens: int | None = option(
+        None, "causal LM: the output layer and cross-entropy run on this many labelled tokens at a time, so full-vocabulary "
+        "logits never exist (training and evaluation; exact); default: about 64M logits per chunk (256 tokens of a 262k "
+        "vocabulary); 0 = from full logits"
     )
     optimizer: str = option(
         "adamw_torch",
@@ -82,9 +83,11 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{key}: must be a finite number in [0, {FLOAT32_MAX:.2e}] (float32), got {value}")
         if not (math.isfinite(self.epochs) and self.epochs >= 0):
             raise ConfigError(f"TrainConfig.epochs: must be a finite number >= 0, got {self.epochs}")
-        for key in ("save_every", "log_every", "eval_every", "lambda_steps", "loss_chunk_tokens"):
+        for key in ("save_every", "log_every", "eval_every", "lambda_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"TrainConfig.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            raise ConfigError(f"TrainConfig.loss_chunk_tokens: must be >= 0 (0: from full logits), got {self.loss_chunk_tokens}")
         choice("TrainConfig.lr_decay", self.lr_decay, LR_DECAYS)
         choice("TrainConfig.gate_update", self.gate_update, GATE_UPDATES)
         choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
