@@ -1,6 +1,7 @@
 """Peak memory of one training step at long sequences: SoRA (chunked loss) vs PEFT LoRA with transformers' loss.
 
     python benchmarks/memory.py [--models smollm2,gemma3] [--seqs 1024,2048,4096] [--budget-gb 6] [--json out.json]
+    python benchmarks/memory.py --timing smollm2:1024:4     # step time only, arms round-robin in one process
 
 For each model, arm and sequence length, one fresh subprocess loads the model (fp32, gradient
 checkpointing on, batch 1 of real English text, every token labelled), takes a baseline, runs one
@@ -10,7 +11,8 @@ the loaded model:
 - ``tensors``: the peak of live tensor bytes (CPU: from the allocator events torch.profiler records;
   CUDA: ``max_memory_allocated``), the measure the targets use;
 - ``rss`` (CPU): the resident-set high-water mark over the step minus the baseline;
-- the step's wall-clock and CPU seconds (one step: indicative; benchmarks/step_time.py times steps).
+- the step's wall-clock and CPU seconds, without building the adapter (one step under the memory
+  profiler: indicative; benchmarks/step_time.py times steps).
 
 Arms, all rank 8 on the seven projections of every layer, AdamW:
 
@@ -111,12 +113,12 @@ def child(spec: str, device: str) -> None:
     gc.collect()
     _malloc_trim()
     out = {"model": name, "arm": arm, "seq": int(seq), "vocab": model.config.vocab_size}
-    clock = (time.perf_counter(), time.process_time())
     if dev.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         model, optimizer = build(arm, model)
+        clock = (time.perf_counter(), time.process_time())
         step(arm, model, optimizer, ids)
         torch.cuda.synchronize()
         out.update(tensors=torch.cuda.max_memory_allocated() - base, rss=None)
@@ -127,10 +129,37 @@ def child(spec: str, device: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model, optimizer = build(arm, model)
+            clock = (time.perf_counter(), time.process_time())
             step(arm, model, optimizer, ids)
         out.update(tensors=_tensor_peak(prof)[0], rss=_status_bytes("VmHWM") - base)
     out.update(wall=time.perf_counter() - clock[0], cpu=time.process_time() - clock[1])
     print(TAG + json.dumps(out), flush=True)
+
+
+def timing(name: str, seq: int, steps: int, device: str) -> dict[str, float]:
+    """Median step time of each arm at ``seq`` tokens, the arms stepped round-robin in one process
+    (one model copy each) after one warm-up step: the steadier comparison of step time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, dev = model_path(name), torch.device(device)
+    ids = text_batch(AutoTokenizer.from_pretrained(path), seq, dev)
+    arms = {}
+    for arm in ARMS:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        arms[arm] = build(arm, model)
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for rep in range(steps + 1):
+        order = list(ARMS[rep % len(ARMS) :] + ARMS[: rep % len(ARMS)])
+        for arm in order:
+            start = time.perf_counter()
+            step(arm, *arms[arm], ids)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                times[arm].append(time.perf_counter() - start)
+    return {arm: sorted(t)[len(t) // 2] for arm, t in times.items()}
 
 
 def measure(spec: str, device: str) -> dict:
@@ -163,10 +192,17 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=6.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
+    parser.add_argument("--timing", metavar="MODEL:SEQ:STEPS", help="only time the arms round-robin in one process, e.g. smollm2:1024:4")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         child(args._child, args.device)
+        return
+    if args.timing:
+        name, seq, steps = args.timing.split(":")
+        medians = timing(name, int(seq), int(steps), args.device)
+        print(f"{name}, {seq} tokens, median of {steps} round-robin steps: " + ", ".join(f"{arm} {t:.2f} s" for arm, t in medians.items())
+              + f"; sora / peft {medians['sora'] / medians['peft']:.3f}, sora / sora_logits {medians['sora'] / medians['sora_logits']:.3f}")  # fmt: skip
         return
     vocab = {"smollm2": 49152, "gemma3": 262144}
     limit = available_bytes(args.device)
@@ -178,7 +214,12 @@ def main() -> None:
                     print(f"{name} {arm} {seq}: skipped (its full logits would need more than this machine's {limit / GB:.0f} GB)", flush=True)
                     rows.append({"model": name, "arm": arm, "seq": seq, "skipped": True})
                     continue
-                row = measure(f"{name}:{arm}:{seq}", args.device)
+                try:
+                    row = measure(f"{name}:{arm}:{seq}", args.device)
+                except RuntimeError as err:  # e.g. killed for memory: the others still run
+                    print(f"{name} {arm} {seq}: failed: {str(err).splitlines()[0]}", flush=True)
+                    rows.append({"model": name, "arm": arm, "seq": seq, "skipped": True, "failed": str(err)[-2000:]})
+                    continue
                 rows.append(row)
                 rss = f"{row['rss'] / GB:6.2f}" if row["rss"] is not None else "     -"
                 print(f"{name} {arm:<11} {seq:>5}: tensors {row['tensors'] / GB:6.2f} GB  rss {rss} GB  step {row['wall']:.1f} s wall, "

@@ -176,7 +176,7 @@ def test_two_zero2_ranks_with_the_chunked_loss_equal_one_process_with_full_logit
 def test_default_chunk_is_sized_from_the_vocabulary():
     from sora_dist.training.chunked_loss import CHUNK_LOGITS, chunk_size
 
-    assert chunk_size(None, 49152) == CHUNK_LOGITS // 49152 == 1365
-    assert chunk_size(None, 262144) == 256
-    assert chunk_size(None, 128) == 8192 and chunk_size(None, 10**9) == 64
+    assert chunk_size(None, 49152) == CHUNK_LOGITS // 49152 == 341
+    assert chunk_size(None, 262144) == 64
+    assert chunk_size(None, 128) == 8192 and chunk_size(None, 10**9) == 32
     assert chunk_size(100, 262144) == 100

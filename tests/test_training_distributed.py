@@ -137,6 +137,25 @@ def test_killed_run_resumes_to_the_same_adapter(backend, dist_model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def worker_run_config(tmp_path: Path, model_dir: Path) -> tuple[dict, Path]:
+    """(run config, its output folder): sora-train settings equal to the worker's defaults on its token
+    data (data.format blocks of 16 tokens, SoRA r=4 alpha 8 without dropout, 6 steps of micro-batch 2 x 2
+    accumulation per rank, lr 1e-2, gate lr 0.1, λ = 2, the worker's seed)."""
+    from dist_worker import SEED, token_data
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": e["input_ids"].tolist()}) + "\n" for e in token_data()))
+    out = tmp_path / "out"
+    config = {
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "sora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"format": "blocks", "train_file": str(data), "max_length": 16},
+        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "gate_lr": 0.1, "lambda_start": 2.0,
+                  "seed": SEED, "log_every": 3, "output_dir": str(out)},
+    }  # fmt: skip
+    return config, out
+
+
 def test_cli_launchers_match_one_process(launcher, dist_model_dir, reference, tmp_path):
     """The user path, `python -m sora_dist.cli train run.yaml` (sora-train) on 2 CPU processes,
     trains the reference's adapter.
@@ -147,18 +166,7 @@ def test_cli_launchers_match_one_process(launcher, dist_model_dir, reference, tm
     accelerate: `accelerate launch --config_file launch/cpu_2proc.yaml` (ZeRO-2 from the YAML);
     deepspeed: the `deepspeed` launcher, with `distributed.deepspeed_config: ds_configs/zero3.json`.
     """
-    from dist_worker import SEED, token_data
-
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": e["input_ids"].tolist()}) + "\n" for e in token_data()))
-    out = tmp_path / "out"
-    config = {
-        "model": {"path": str(dist_model_dir), "dtype": "float32"},
-        "sora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"format": "blocks", "train_file": str(data), "max_length": 16},
-        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "gate_lr": 0.1, "lambda_start": 2.0,
-                  "seed": SEED, "log_every": 3, "output_dir": str(out)},
-    }  # fmt: skip
+    config, out = worker_run_config(tmp_path, dist_model_dir)
     if launcher == "accelerate":
         cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", "launch/cpu_2proc.yaml", "--main_process_port", "0", "-m"]
     else:

@@ -17,7 +17,14 @@ import torch
 import yaml
 from helpers import BF16_MAX, FP32_ATOL, REPO, Result, launch, run_command, worker_env
 from safetensors.torch import load_file
-from test_training_distributed import assert_bf16_close, assert_close, assert_gates_trained, assert_ranks_identical, zero_pattern_mismatches
+from test_training_distributed import (
+    assert_bf16_close,
+    assert_close,
+    assert_gates_trained,
+    assert_ranks_identical,
+    worker_run_config,
+    zero_pattern_mismatches,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -155,19 +162,8 @@ def test_gradient_checkpointing_under_fsdp2_keeps_the_dropout_masks(dist_model_d
 def test_cli_accelerate_launch_fsdp2_yaml_matches_one_process(dist_model_dir, tmp_path):
     """The user path: `accelerate launch --config_file launch/fsdp2.yaml --num_processes 2 -m sora_dist.cli
     train run.yaml` on the CPU (fp32 here: --mixed_precision no) trains the 1-process adapter."""
-    from dist_worker import SEED, token_data
-
     launch(tmp_path / "one", dist_model_dir, *ONE, nproc=1)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": e["input_ids"].tolist()}) + "\n" for e in token_data()))
-    out = tmp_path / "out"
-    config = {
-        "model": {"path": str(dist_model_dir), "dtype": "float32"},
-        "sora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"format": "blocks", "train_file": str(data), "max_length": 16},
-        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "gate_lr": 0.1, "lambda_start": 2.0,
-                  "seed": SEED, "log_every": 3, "output_dir": str(out)},
-    }  # fmt: skip
+    config, out = worker_run_config(tmp_path, dist_model_dir)
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", "launch/fsdp2.yaml", "--num_processes", "2",

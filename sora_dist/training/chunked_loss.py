@@ -28,14 +28,14 @@ from torch import nn
 from ..data.formats import IGNORE
 
 DEFAULT_CHUNK_TOKENS = None  # sized from the vocabulary: about CHUNK_LOGITS logits per chunk
-CHUNK_LOGITS = 2**26  # 64M fp32 values, 256 MB per buffer: 1,365 tokens of a 49k vocabulary, 256 of a 262k one
+CHUNK_LOGITS = 2**24  # 16M fp32 values, 64 MB per buffer: 341 tokens of a 49k vocabulary, 64 of a 262k one
 
 
 def chunk_size(chunk_tokens: int | None, vocab: int) -> int:
-    """Tokens per chunk: ``chunk_tokens`` when given, else about CHUNK_LOGITS logits' worth (64 to 8192)."""
+    """Tokens per chunk: ``chunk_tokens`` when given, else about CHUNK_LOGITS logits' worth (32 to 8192)."""
     if chunk_tokens is not None:
         return chunk_tokens
-    return max(64, min(8192, CHUNK_LOGITS // max(vocab, 1)))
+    return max(32, min(8192, CHUNK_LOGITS // max(vocab, 1)))
 
 
 class LinearCrossEntropy(torch.autograd.Function):

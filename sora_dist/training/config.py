@@ -43,8 +43,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "global gradient-norm clipping (0 = off)")
     loss_chunk_tokens: int | None = option(
         None, "causal LM: the output layer and cross-entropy run on this many labelled tokens at a time, so full-vocabulary "
-        "logits never exist (training and evaluation; exact); default: about 64M logits per chunk (256 tokens of a 262k "
-        "vocabulary); 0 = from full logits"
+        "logits never exist (training and evaluation; exact); default: about 16M logits per chunk (341 tokens of a 49k "
+        "vocabulary, 64 of a 262k one); 0 = from full logits"
     )
     optimizer: str = option(
         "adamw_torch",
