@@ -136,7 +136,6 @@ def test_killed_run_resumes_to_the_same_adapter(backend, dist_model_dir, tmp_pat
         assert torch.equal(got[key], want[key]), f"{key} differs after resume"
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
 def worker_run_config(tmp_path: Path, model_dir: Path) -> tuple[dict, Path]:
     """(run config, its output folder): sora-train settings equal to the worker's defaults on its token
     data (data.format blocks of 16 tokens, SoRA r=4 alpha 8 without dropout, 6 steps of micro-batch 2 x 2
@@ -156,6 +155,7 @@ def worker_run_config(tmp_path: Path, model_dir: Path) -> tuple[dict, Path]:
     return config, out
 
 
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
 def test_cli_launchers_match_one_process(launcher, dist_model_dir, reference, tmp_path):
     """The user path, `python -m sora_dist.cli train run.yaml` (sora-train) on 2 CPU processes,
     trains the reference's adapter.
