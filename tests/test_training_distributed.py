@@ -123,17 +123,22 @@ def test_killed_run_resumes_to_the_same_adapter(backend, dist_model_dir, tmp_pat
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     common = ("--backend", backend, "--dropout", "0.1", "--save-every", "2")
     launch(straight, dist_model_dir, *common)
-    killed = launch(crashed, dist_model_dir, *common, "--crash-in-save", "4", expect_ok=False)
-    assert killed.returncode != 0
-    checkpoints = crashed / "train" / "checkpoints"
-    assert (checkpoints / "step-00000002" / "sora_state.json").is_file()
-    assert (checkpoints / ".step-00000004.tmp").is_dir() and not (checkpoints / "step-00000004").exists()
-    resumed = launch(crashed, dist_model_dir, *common)
-    assert "at step 2" in resumed.stdout, resumed.stdout[-2000:]
+    crash_at_4_and_resume(crashed, dist_model_dir, common)
     want, got = Result(straight).adapter, Result(crashed).adapter
     assert sorted(got) == sorted(want)
     for key in want:
         assert torch.equal(got[key], want[key]), f"{key} differs after resume"
+
+
+def crash_at_4_and_resume(out: Path, model_dir: Path, common: tuple[str, ...]) -> None:
+    """Kill every rank while checkpoint 4 is written (checkpoint 2 complete), then rerun: it resumes at step 2."""
+    killed = launch(out, model_dir, *common, "--crash-in-save", "4", expect_ok=False)
+    assert killed.returncode != 0
+    checkpoints = out / "train" / "checkpoints"
+    assert (checkpoints / "step-00000002" / "sora_state.json").is_file()
+    assert (checkpoints / ".step-00000004.tmp").is_dir() and not (checkpoints / "step-00000004").exists()
+    resumed = launch(out, model_dir, *common)
+    assert "at step 2" in resumed.stdout, resumed.stdout[-2000:]
 
 
 def worker_run_config(tmp_path: Path, model_dir: Path) -> tuple[dict, Path]:

@@ -22,6 +22,7 @@ from test_training_distributed import (
     assert_close,
     assert_gates_trained,
     assert_ranks_identical,
+    crash_at_4_and_resume,
     worker_run_config,
     zero_pattern_mismatches,
 )
@@ -107,13 +108,7 @@ def test_killed_fsdp2_run_resumes_bit_exact_and_merges_from_its_checkpoint(dist_
     straight, crashed, other = tmp_path / "straight", tmp_path / "crashed", tmp_path / "other"
     common = ("--backend", "fsdp2", "--dropout", "0.1", "--save-every", "2")
     launch(straight, dist_model_dir, *common, "--save-adapter-at", "4")
-    killed = launch(crashed, dist_model_dir, *common, "--crash-in-save", "4", expect_ok=False)
-    assert killed.returncode != 0
-    checkpoints = crashed / "train" / "checkpoints"
-    assert (checkpoints / "step-00000002" / "sora_state.json").is_file()
-    assert not (checkpoints / "step-00000004").exists()
-    resumed = launch(crashed, dist_model_dir, *common)
-    assert "at step 2" in resumed.stdout, resumed.stdout[-2000:]
+    crash_at_4_and_resume(crashed, dist_model_dir, common)
     want, got = Result(straight).adapter, Result(crashed).adapter
     assert sorted(got) == sorted(want)
     for key in want:
