@@ -47,13 +47,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def preview_count(value: str) -> int:
-    try:
-        count = int(value)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of examples (0 or more), got {value!r}")
-    return count
+    return whole_number(value, "a number of examples (0 or more)")
 
 
 def merge_main(argv: Sequence[str] | None = None) -> int:
@@ -346,12 +340,17 @@ def lm_eval_main(args: argparse.Namespace) -> int:
 
 
 def non_negative_int(value: str) -> int:
+    return whole_number(value, "a whole number >= 0")
+
+
+def whole_number(value: str, expected: str) -> int:
+    """``value`` as an int >= 0, else argparse's error saying what was ``expected``."""
     try:
         number = int(value)
     except ValueError:
         number = -1
     if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return number
 
 

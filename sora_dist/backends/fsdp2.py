@@ -31,7 +31,7 @@ CHECKPOINT_SUBDIR = "fsdp2"  # DCP files of a checkpoint written under FSDP2
 SCALARS_NAME = "optimizer_scalars.json"  # optimizer state that is not a tensor (e.g. an int step count)
 RNG_NAME = "rng_state_{rank}.pkl"
 MODEL_KEY, OPTIM_KEY = "model/", "optim/"
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing and torch.compile wrappers
 
 
 def requested() -> bool:

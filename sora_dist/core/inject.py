@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..backends.bnb import disable_cpu_repack, is_quantized
+from ..backends.fsdp2 import WRAPPER_PREFIXES
 from ..backends.linear import declared_features, is_linear_like
 from ..backends.zero import full_numel
 from .config import ALL_LINEAR, SoRAConfig
@@ -60,15 +61,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-WRAPPER_NAMES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing and torch.compile wrappers
-
-
 def sora_modules(model: nn.Module) -> Iterator[tuple[str, SoRALinear]]:
     """(name, module) of every SoRA module; names as in the unwrapped model, so that an adapter saved
     under activation-checkpointing or compile wrappers applies to the plain base model."""
     for name, module in model.named_modules():
         if isinstance(module, SoRALinear):
-            for wrapper in WRAPPER_NAMES:
+            for wrapper in WRAPPER_PREFIXES:
                 name = name.replace(wrapper, "")
             yield name, module
 
