@@ -325,6 +325,24 @@ def evaluate(model: nn.Module, examples: list[dict], num_labels: int, pad_id: in
     return classification_metrics(torch.cat(predictions), labels, num_labels)
 
 
+@torch.inference_mode()
+def per_example(model: nn.Module, examples: list[dict], pad_id: int, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per test example, in the order given: 1 if the prediction is right, and the log-likelihood
+    of the correct label (the continuous metric paired comparisons use)."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    correct, logp = torch.empty(len(examples)), torch.empty(len(examples), dtype=torch.float64)
+    for start in range(0, len(order), batch):
+        chosen = order[start : start + batch]
+        inputs = collate([examples[i] for i in chosen], pad_id)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits.double()
+        correct[chosen] = (logits.argmax(-1) == labels).float()
+        logp[chosen] = logits.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+    model.train()
+    return correct, logp
+
+
 def run_one(task: Task, method: str, seed: int, settings: Settings, splits: dict, model_path: Path, pad_id: int) -> dict:
     from transformers import AutoModelForSequenceClassification
 

@@ -49,10 +49,17 @@ def test_malformed_examples_are_named(convert, example, message):
         convert(example)
 
 
-def _sdist(path, tasks: dict[str, list[dict]]):
+INSTRUCTION_TASK = {"task_prefix": "Definition: Answer the question from the fact. Prompt: Write a correct answer.",
+                    "examples": [{"input": "Fact: rain is water. Question: what is rain?", "target": ["water.", "Water."]},
+                                 {"input": "Fact: x. Question: y?", "target": "x."}]}  # fmt: skip
+INSTRUCTION_SUBTASK = "natural_instructions/subtask041_qasc_answer_generation"
+
+
+def _sdist(path, tasks: dict[str, list[dict] | dict]):
     with tarfile.open(path, "w:gz") as archive:
         for task, examples in tasks.items():
-            data = json.dumps({"name": task, "examples": examples}).encode()
+            content = examples if isinstance(examples, dict) else {"name": task, "examples": examples}
+            data = json.dumps(content).encode()
             info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
@@ -60,7 +67,8 @@ def _sdist(path, tasks: dict[str, list[dict]]):
 
 
 def test_every_task_is_converted_in_one_pass_from_the_sdist(tmp_path, monkeypatch):
-    sdist = _sdist(tmp_path / "bigbench.tar.gz", {assets.VITAMINC: [VITAMINC_EXAMPLE] * 2, assets.MOVIE_DIALOG: [DIALOG_EXAMPLE]})
+    sdist = _sdist(tmp_path / "bigbench.tar.gz", {assets.VITAMINC: [VITAMINC_EXAMPLE] * 2, assets.MOVIE_DIALOG: [DIALOG_EXAMPLE],
+                                                  INSTRUCTION_SUBTASK: INSTRUCTION_TASK})  # fmt: skip
     monkeypatch.setenv("SORA_DIST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(assets.BIGBENCH_SDIST_ENV, str(sdist))
     vitaminc = assets.bigbench_task_path(assets.VITAMINC)
@@ -70,13 +78,24 @@ def test_every_task_is_converted_in_one_pass_from_the_sdist(tmp_path, monkeypatc
     assert dialog.is_file()  # written by the same pass
     sdist.unlink()  # cached now: no sdist needed any more
     assert data_path("asset:movie_dialog", "data.train_file") == str(dialog)
+    instructions = [json.loads(line) for line in assets.natural_instructions_path().read_text().splitlines()]
+    assert instructions == [
+        {"subtask": "subtask041_qasc_answer_generation", "instruction": "Write a correct answer.",
+         "input": "Fact: rain is water. Question: what is rain?", "targets": ["water.", "Water."]},
+        {"subtask": "subtask041_qasc_answer_generation", "instruction": "Write a correct answer.", "input": "Fact: x. Question: y?", "targets": ["x."]},
+    ]  # fmt: skip
+
+
+def test_an_instruction_example_without_targets_is_named():
+    with pytest.raises(ValueError, match="subtask007: an example needs an instruction and string targets"):
+        assets.natural_instructions_row("subtask007", {"task_prefix": "Prompt: Answer."}, {"input": "q", "target": []})
 
 
 def test_an_sdist_without_the_tasks_is_refused(tmp_path, monkeypatch):
     sdist = _sdist(tmp_path / "other.tar.gz", {assets.VITAMINC: [VITAMINC_EXAMPLE]})
     monkeypatch.setenv("SORA_DIST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(assets.BIGBENCH_SDIST_ENV, str(sdist))
-    with pytest.raises(RuntimeError, match=f"no task.json for \\['{assets.MOVIE_DIALOG}'\\]"):
+    with pytest.raises(RuntimeError, match=f"no task.json for \\['{assets.MOVIE_DIALOG}', '{assets.NATURAL_INSTRUCTIONS}'\\]"):
         assets.bigbench_task_path(assets.VITAMINC)
 
 

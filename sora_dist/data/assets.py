@@ -227,6 +227,22 @@ def movie_dialog_row(example: dict) -> dict:
 
 
 BIGBENCH_TASKS = {VITAMINC: vitaminc_row, MOVIE_DIALOG: movie_dialog_row}
+NATURAL_INSTRUCTIONS = "natural_instructions"
+NATURAL_INSTRUCTIONS_MEMBER = re.compile(r"^bigbench/benchmark_tasks/natural_instructions/(?P<subtask>subtask\d+\w*)/task\.json$")
+
+
+def natural_instructions_row(subtask: str, task: dict, example: dict) -> dict:
+    """{"subtask", "instruction", "input", "targets"} from one example of a Natural Instructions subtask.
+
+    The instruction is the subtask's one-line prompt (the part of its ``task_prefix`` after
+    "Prompt:"), else its description; ``targets`` lists every accepted answer.
+    """
+    prefix = task.get("task_prefix") or task.get("description") or ""
+    instruction = prefix.rpartition("Prompt:")[2].strip() or prefix.strip()
+    targets = example["target"] if isinstance(example["target"], list) else [example["target"]]
+    if not instruction or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{subtask}: an example needs an instruction and string targets, got {str(example)[:120]!r}")
+    return {"subtask": subtask, "instruction": instruction, "input": example["input"], "targets": targets}
 
 
 def _target(example: dict) -> str:
@@ -237,7 +253,7 @@ def _target(example: dict) -> str:
     return best[0]
 
 
-def bigbench_task_path(task: str) -> Path:
+def bigbench_task_path(task: str, refresh: bool = False) -> Path:
     """A JSONL file of one BIG-bench task in the ``classification`` shape (text, text_pair, label).
 
     The tasks come from the ``bigbench`` 1.0.0 source distribution (358 MB, Apache-2.0; VitaminC
@@ -247,7 +263,7 @@ def bigbench_task_path(task: str) -> Path:
     if task not in BIGBENCH_TASKS:
         raise ValueError(f"unknown BIG-bench task {task!r}; available: {sorted(BIGBENCH_TASKS)}")
     target = cache_dir() / "bigbench" / f"{task}.jsonl"
-    if target.is_file():
+    if target.is_file() and not refresh:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     sdist = os.environ.get(BIGBENCH_SDIST_ENV)
@@ -255,6 +271,16 @@ def bigbench_task_path(task: str) -> Path:
         if not sdist:
             sdist = _download_sdist(BIGBENCH_PACKAGE, Path(scratch))
         _convert_bigbench(Path(sdist), target.parent)
+    return target
+
+
+def natural_instructions_path() -> Path:
+    """A JSONL file of BIG-bench's Natural Instructions (61 subtasks, 193k examples, Apache-2.0):
+    one row per example, ``natural_instructions_row``'s shape; converted from the same sdist pass
+    as ``bigbench_task_path``."""
+    target = cache_dir() / "bigbench" / f"{NATURAL_INSTRUCTIONS}.jsonl"
+    if not target.is_file():
+        bigbench_task_path(VITAMINC, refresh=True)
     return target
 
 
@@ -280,16 +306,25 @@ def _convert_bigbench(sdist: Path, out_dir: Path) -> None:
     import tarfile
 
     wanted = {f"bigbench/benchmark_tasks/{task}/task.json": task for task in BIGBENCH_TASKS}
-    found = set()
+    found, instructions = set(), []
     with tarfile.open(sdist, "r:gz") as archive:
         for member in archive:
-            task = wanted.get(member.name.split("/", 1)[-1])
+            name = member.name.split("/", 1)[-1]
+            subtask = NATURAL_INSTRUCTIONS_MEMBER.match(name)
+            if subtask is not None:
+                content = json.load(archive.extractfile(member))
+                instructions += [natural_instructions_row(subtask["subtask"], content, e) for e in content["examples"]]
+                continue
+            task = wanted.get(name)
             if task is None:
                 continue
             examples = json.load(archive.extractfile(member))["examples"]
             write_jsonl(out_dir / f"{task}.jsonl", [BIGBENCH_TASKS[task](e) for e in examples])
             found.add(task)
-    missing = set(BIGBENCH_TASKS) - found
+    if instructions:
+        write_jsonl(out_dir / f"{NATURAL_INSTRUCTIONS}.jsonl", sorted(instructions, key=lambda row: row["subtask"]))
+        found.add(NATURAL_INSTRUCTIONS)
+    missing = (set(BIGBENCH_TASKS) | {NATURAL_INSTRUCTIONS}) - found
     if missing:
         raise RuntimeError(f"{sdist}: no task.json for {sorted(missing)}; is this the bigbench 1.0.0 source distribution?")
 
