@@ -7,11 +7,17 @@ cross-entropy) and optionally a weight w_i (a chat's token count, so that the se
 the token-weighted mean). The seed's metric is sum(w x) / sum(w); the paired difference of a
 seed is metric_B - metric_A on the same examples.
 
-Two intervals are reported:
+Two sources of noise separate two arms' measured difference from the one a user would see: the
+training runs (seeds), and the test examples (a finite sample of the task). The test set is the
+same for every seed, so the spread of the per-seed differences shows only the first. Reported:
 
-``t``          a t interval over the per-seed differences (S - 1 degrees of freedom): it counts
-               the spread between training runs (seeds) and, inside each seed's difference, the
-               test sample's own noise. It is the one a difference is called significant by.
+``t``          mean ± t(df) x se, with se^2 = se_seeds^2 + se_examples^2: se_seeds the standard
+               error of the mean of the per-seed differences, se_examples the standard error over
+               test examples of each example's seed-averaged difference (a ratio estimator when the
+               metric is token-weighted), df from Welch-Satterthwaite (S - 1 for the seeds' part,
+               n - 1 for the examples'). Both parts count the examples' own run-to-run noise, once
+               more than needed, so the interval errs wide. It is the one a difference is called
+               significant by.
 ``bootstrap``  a paired bootstrap over seeds and test examples: each replicate draws S seeds with
                replacement and one set of n test examples with replacement (the same examples for
                every seed and both arms) and averages the seeds' differences. With few seeds it
@@ -72,10 +78,10 @@ def paired(
 
     ``a[s]`` and ``b[s]`` hold the per-example values of seed ``s`` in the same example order;
     ``weights[s]`` (optional) the per-example weights (they must be the same for both arms: the
-    same test examples, the same tokens). Returns the per-seed differences, their mean, the t
-    interval's standard error and bounds, the bootstrap bounds, and ``significant`` (the t
-    interval excludes 0). With one seed the t interval is undefined and only the bootstrap over
-    examples is given.
+    same test examples, the same tokens). Returns the per-seed differences, their mean, the
+    standard errors (``se_seeds``, ``se_examples`` and their combination ``se``), the t interval,
+    the bootstrap bounds, and ``significant`` (the t interval excludes 0). With one seed there is
+    no spread between seeds to measure: the interval is the examples' normal interval.
     """
     seeds = sorted(set(a) & set(b))
     if not seeds:
@@ -86,21 +92,28 @@ def paired(
     w = {s: (weights[s].double() if weights is not None else torch.ones(len(a[s]), dtype=torch.float64)) for s in seeds}
     per_seed = [scale * (seed_metric(b[s], w[s]) - seed_metric(a[s], w[s])) for s in seeds]
     mean = sum(per_seed) / len(per_seed)
-    out = {"seeds": seeds, "per_seed": per_seed, "mean": mean, "n_examples": n.pop()}
-    if len(seeds) > 1:
-        sd = math.sqrt(sum((d - mean) ** 2 for d in per_seed) / (len(seeds) - 1))
-        se = sd / math.sqrt(len(seeds))
-        half = t_quantile(0.5 + LEVEL / 2, len(seeds) - 1) * se
-        out.update(se=se, t_low=mean - half, t_high=mean + half, significant=bool(mean - half > 0 or mean + half < 0))
-    else:
-        out.update(se=None, t_low=None, t_high=None, significant=None)
-    out["boot_low"], out["boot_high"] = bootstrap(
-        torch.stack([b[s].double() - a[s].double() for s in seeds]), torch.stack([w[s] for s in seeds]), scale, replicates, seed
-    )
-    # The test sample's share of the noise: the standard error of one seed's difference over its
-    # examples (the spread a larger test set would shrink), averaged over seeds.
-    out["se_examples"] = sum(scale * example_se(b[s].double() - a[s].double(), w[s]) for s in seeds) / len(seeds)
+    diff = torch.stack([b[s].double() - a[s].double() for s in seeds])
+    weight = torch.stack([w[s] for s in seeds])
+    # Each example's difference averaged over the seeds (its weight: the seeds' mean weight).
+    se_examples = scale * example_se((diff * weight).sum(0) / weight.sum(0), weight.mean(0))
+    out = {"seeds": seeds, "per_seed": per_seed, "mean": mean, "n_examples": n.pop(), "se_examples": se_examples}
+    n_examples = out["n_examples"]
+    se_seeds = math.sqrt(sum((d - mean) ** 2 for d in per_seed) / (len(seeds) - 1) / len(seeds)) if len(seeds) > 1 else 0.0
+    se = math.sqrt(se_seeds**2 + se_examples**2)
+    out.update(se_seeds=se_seeds if len(seeds) > 1 else None, se=se, df=degrees_of_freedom(se_seeds, len(seeds), se_examples, n_examples))
+    quantile = t_quantile(0.5 + LEVEL / 2, max(1, round(out["df"])))
+    out.update(t_low=mean - quantile * se, t_high=mean + quantile * se)
+    out["significant"] = bool(out["t_low"] > 0 or out["t_high"] < 0)
+    out["boot_low"], out["boot_high"] = bootstrap(diff, weight, scale, replicates, seed)
     return out
+
+
+def degrees_of_freedom(se_seeds: float, seeds: int, se_examples: float, examples: int) -> float:
+    """Welch-Satterthwaite: the degrees of freedom of a sum of two variance estimates, one from
+    ``seeds`` - 1, the other from ``examples`` - 1 degrees of freedom (capped at 10^6)."""
+    parts = (se_seeds**4 / (seeds - 1) if seeds > 1 else 0.0) + (se_examples**4 / (examples - 1) if examples > 1 else 0.0)
+    total = (se_seeds**2 + se_examples**2) ** 2
+    return min(1e6, total / parts) if parts > 0 else 1e6
 
 
 def example_se(diff: torch.Tensor, weights: torch.Tensor) -> float:
@@ -132,9 +145,6 @@ def bootstrap(diff: torch.Tensor, weights: torch.Tensor, scale: float, replicate
 
 
 def describe(result: dict, digits: int = 2) -> str:
-    """``+0.41 [-0.30, +1.12] (se 0.25)``: the mean difference, the t interval (the bootstrap
-    interval with one seed), marked * when significant."""
-    if result["t_low"] is None:
-        return f"{result['mean']:+.{digits}f} [boot {result['boot_low']:+.{digits}f}, {result['boot_high']:+.{digits}f}]"
+    """``+0.41 [-0.30, +1.12] *``: the mean difference and its t interval, marked * when significant."""
     mark = " *" if result["significant"] else ""
     return f"{result['mean']:+.{digits}f} [{result['t_low']:+.{digits}f}, {result['t_high']:+.{digits}f}]{mark}"

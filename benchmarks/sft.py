@@ -26,8 +26,9 @@ unseen chats; the arm's value is token-weighted), and for the subtasks with one 
 reply starts with the answer (``sora eval``'s generated accuracy). The base model before
 training is scored too.
 
-    python benchmarks/sft.py --quick            # 3 seeds x 3 arms (lora, lora_r4, sora_budget): ~30 min on 2 CPU cores
-    python benchmarks/sft.py                    # 3 seeds x 4 arms (adds sora_balanced)
+    python benchmarks/sft.py --quick            # lora and sora_budget, seeds 0 and 1: ~30 min on 2 CPU cores
+    python benchmarks/sft.py                    # 4 arms x seeds 0, 1, 2
+    python benchmarks/sft.py --arms lora,lora_r4,sora_budget --seeds 0,1,2
     python benchmarks/sft.py --gpu              # the GPU size: 50,000 chats, about one epoch (600 steps of 16 x 512 tokens)
 
 Results: ``runs/sft/<mode>-<settings hash>/results.jsonl`` (one line per trained arm with its
@@ -55,7 +56,7 @@ import paired  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARMS = ("lora", "lora_r4", "sora_budget", "sora_balanced")
-QUICK_ARMS = ("lora", "lora_r4", "sora_budget")
+QUICK_ARMS = ("lora", "sora_budget")
 # Subtasks whose examples have one short right answer: the generated-answer metric is read on them.
 EXACT_ANSWER = (
     "subtask018_mctaco_temporal_reasoning_presence", "subtask019_mctaco_temporal_reasoning_category",
@@ -223,18 +224,19 @@ def table(rows: list[dict], arms: list[str], seeds: list[int]) -> str:
                          f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |" if lora else "")  # fmt: skip
     pairs = [("sora_budget", "lora"), ("sora_budget", "lora_r4"), ("sora_balanced", "lora"), ("sora_balanced", "lora_r4"),
              ("sora_balanced", "sora_budget"), ("lora_r4", "lora")]  # fmt: skip
-    lines += ["\nPaired differences B - A over seeds and held-out chats (* = the 95% t interval excludes 0). "
+    lines += ["\nPaired differences B - A over seeds and held-out chats (* = the 95% interval excludes 0). "
               "Lower cross-entropy is better: a negative Δ CE favours B.\n",
-              "| B - A | seeds | Δ CE, nats/token [95% t] | se | se of the test sample | bootstrap 95% | Δ generated accuracy, points [95% t] | se |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| B - A | seeds | Δ CE, nats/token [95% interval] | se | se: seeds | se: chats | bootstrap 95% | "
+              "Δ generated accuracy, points [95% interval] | se |", "|---" * 9 + "|"]  # fmt: skip
     for b, a in pairs:
         if by_arm.get(a) and by_arm.get(b):
             ce_a, tok_a, right_a = per_chat(by_arm[a])
             ce_b, _, right_b = per_chat(by_arm[b])
             ce = paired.paired(ce_a, ce_b, weights=tok_a)
             acc = paired.paired(right_a, right_b, scale=100)
-            lines.append(f"| {b} - {a} | {len(ce['seeds'])} | {paired.describe(ce, 4)} | {ce['se'] or 0:.4f} | {ce['se_examples']:.4f} | "
-                         f"[{ce['boot_low']:+.4f}, {ce['boot_high']:+.4f}] | {paired.describe(acc)} | {acc['se'] or 0:.2f} |")  # fmt: skip
+            seeds = "-" if ce["se_seeds"] is None else f"{ce['se_seeds']:.4f}"
+            lines.append(f"| {b} - {a} | {len(ce['seeds'])} | {paired.describe(ce, 4)} | {ce['se']:.4f} | {seeds} | {ce['se_examples']:.4f} | "
+                         f"[{ce['boot_low']:+.4f}, {ce['boot_high']:+.4f}] | {paired.describe(acc)} | {acc['se']:.2f} |")  # fmt: skip
     return "\n".join(line for line in lines if line)
 
 
@@ -244,7 +246,7 @@ def main(argv=None) -> None:
     mode.add_argument("--quick", action="store_true", help=f"arms {', '.join(QUICK_ARMS)} only")
     mode.add_argument("--gpu", action="store_true", help="the GPU size (MODES['gpu'])")
     parser.add_argument("--arms", help=f"comma-separated, from {list(ARMS)}")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", help="comma-separated (default 0,1,2; 0,1 with --quick)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a Settings field")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -261,7 +263,7 @@ def main(argv=None) -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     folder = Path(args.out or f"runs/sft/{'gpu' if args.gpu else 'cpu'}-{settings.fingerprint()}").resolve()
     results_file = folder / "results.jsonl"
     rows = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.is_file() else []
