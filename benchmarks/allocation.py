@@ -2,8 +2,7 @@
 
 Same task, encoder and training loop as ``benchmarks/regime.py`` (E1: Rotten Tomatoes, all-MiniLM-L6-v2,
 400 training examples x 10 epochs), one learning rate (1e-3) for every arm, and a test subset of
-12,000 examples (30x E1's; all the data leaves after training and validation) on which every arm is
-scored example by example: right or wrong, and the
+4,000 examples (10x E1's) on which every arm is scored example by example: right or wrong, and the
 log-likelihood of the correct label. Every arm of a seed starts from the same head initialisation
 and sees the same batches, so arms are compared seed by seed and example by example
 (``benchmarks/paired.py``: a t interval over seeds, and a paired bootstrap over seeds and examples).
@@ -61,7 +60,7 @@ CRITERIA = ("final_abs_g", "balanced_abs_g", "sensitivity_ema", "random", "facto
 KEEP = (5, 2)  # ranks kept per module on average in E3
 EMA_BETA = 0.85
 MODES = {
-    "quick": dict(settings=dataclasses.replace(regime.MODES["quick"]["settings"], test=12000), tasks=["rotten_tomatoes"], seeds=[0, 1, 2]),
+    "quick": dict(settings=dataclasses.replace(regime.MODES["quick"]["settings"], test=4000), tasks=["rotten_tomatoes"], seeds=[0, 1, 2]),
     "full": dict(settings=dataclasses.replace(regime.MODES["full"]["settings"], test=4000), tasks=list(TASKS), seeds=[0, 1, 2, 3, 4]),
 }
 

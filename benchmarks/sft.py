@@ -71,7 +71,7 @@ MAX_INPUT_CHARS, MAX_ANSWER_CHARS = 700, 300
 @dataclasses.dataclass(frozen=True)
 class Settings:
     train_chats: int = 1200
-    test_chats: int = 800
+    test_chats: int = 600
     steps: int = 60
     micro_batch_size: int = 4
     grad_accum: int = 1
