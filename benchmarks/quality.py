@@ -457,9 +457,9 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def with_overrides(settings: Settings, pairs: list[str]) -> Settings:
-    """``settings`` with ``KEY=VALUE`` changes, each value converted to the field's type."""
-    fields = {f.name: type(getattr(settings, f.name)) for f in dataclasses.fields(Settings)}
+def with_overrides(settings, pairs: list[str]):
+    """``settings`` (a dataclass) with ``KEY=VALUE`` changes, each value converted to the field's type."""
+    fields = {f.name: type(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
     changes = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

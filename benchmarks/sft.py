@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import paired  # noqa: E402
+import quality  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARMS = ("lora", "lora_r4", "sora_budget", "sora_balanced")
@@ -250,13 +251,10 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a Settings field")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    settings = MODES["gpu" if args.gpu else "quick"]
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        kind = type(getattr(settings, key, None))
-        if key not in {f.name for f in dataclasses.fields(Settings)}:
-            parser.error(f"--set {pair}: unknown key; choose from {[f.name for f in dataclasses.fields(Settings)]}")
-        settings = dataclasses.replace(settings, **{key: kind(value)})
+    try:
+        settings = quality.with_overrides(MODES["gpu" if args.gpu else "quick"], args.set)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
     if "lora" not in arms:
         arms.insert(0, "lora")  # the reference every comparison and the size share need
