@@ -209,7 +209,7 @@ def per_chat(rows: list[dict]) -> tuple[dict, dict, dict]:
 def table(rows: list[dict], arms: list[str], seeds: list[int]) -> str:
     base = [r for r in rows if r["arm"] == "base"]
     by_arm = {a: [r for r in rows if r["arm"] == a and r["seed"] in seeds] for a in arms}
-    lines = ["| arm | seeds | held-out CE (mean ± std) | generated accuracy | adapter params kept | % of lora | avg live rank | train s |",
+    lines = ["| arm | seeds | held-out CE (mean ± std) | generated accuracy | adapter params kept | % of lora | avg live rank | train s (median) |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lora = statistics.mean(r["params"] for r in by_arm["lora"]) if by_arm.get("lora") else None
     if base:
@@ -222,7 +222,7 @@ def table(rows: list[dict], arms: list[str], seeds: list[int]) -> str:
             lines.append(f"| {arm} | {len(runs)} | {statistics.mean(ce):.4f} ± {statistics.stdev(ce) if len(ce) > 1 else 0:.4f} | "
                          f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc) if len(acc) > 1 else 0:.1f} | {params:,.0f} | "
                          f"{100 * params / lora:.0f}% | {statistics.mean(r['avg_rank'] for r in runs):.2f} | "
-                         f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |" if lora else "")  # fmt: skip
+                         f"{statistics.median(r['train_seconds'] for r in runs):.0f} |" if lora else "")  # fmt: skip
     pairs = [("sora_budget", "lora"), ("sora_budget", "lora_r4"), ("sora_balanced", "lora"), ("sora_balanced", "lora_r4"),
              ("sora_balanced", "sora_budget"), ("lora_r4", "lora")]  # fmt: skip
     lines += ["\nPaired differences B - A over seeds and held-out chats (* = the 95% interval excludes 0). "
