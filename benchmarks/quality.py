@@ -123,7 +123,12 @@ class Settings:
         return self.steps - round(self.tfinal * self.steps)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return fingerprint(self)
+
+
+def fingerprint(settings) -> str:
+    """A short hash of a settings dataclass: the results folder of one benchmark configuration."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
 
 
 MODES = {

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import statistics
 import subprocess
@@ -85,7 +84,7 @@ class Settings:
     data_seed: int = 1234
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return quality.fingerprint(self)
 
 
 MODES = {
